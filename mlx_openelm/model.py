@@ -1,0 +1,163 @@
+"""OpenELM as an MLX module: a pre-norm decoder whose width varies layer by layer.
+
+Attribute names are the Hugging Face weight names (``transformer.layers.N.attn.qkv_proj``),
+so an ``apple/OpenELM-*`` checkpoint loads without a rename map.
+"""
+
+from __future__ import annotations
+
+from typing import Any, List, Optional, Union
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx_lm.models.cache import KVCache
+
+from .config import ModelArgs
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm with a learned scale. ``fused=False`` composes it from primitive ops
+    (the naive baseline of the OpenELM paper's profiling study)."""
+
+    def __init__(self, dims: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = mx.ones((dims,))
+        self.eps = eps
+        self.fused = True
+
+    def __call__(self, x: mx.array) -> mx.array:
+        if self.fused:
+            return mx.fast.rms_norm(x, self.weight, self.eps)
+        xf = x.astype(mx.float32)
+        xf = xf * mx.rsqrt(mx.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
+        return self.weight * xf.astype(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs, layer: int):
+        super().__init__()
+        self.head_dim = hd = args.head_dim
+        self.n_heads = args.num_query_heads[layer]
+        self.n_kv_heads = args.num_kv_heads[layer]
+        self.rope_base = args.rope_freq_constant
+        self.scale = hd**-0.5
+        # One fused projection; its rows are [query heads | key heads | value heads].
+        self.qkv_proj = nn.Linear(args.model_dim, (self.n_heads + 2 * self.n_kv_heads) * hd, bias=False)
+        self.out_proj = nn.Linear(self.n_heads * hd, args.model_dim, bias=False)
+        self.normalize_qk = args.normalize_qk_projections
+        if self.normalize_qk:
+            self.q_norm = RMSNorm(hd, args.rms_norm_eps)
+            self.k_norm = RMSNorm(hd, args.rms_norm_eps)
+
+    def __call__(self, x: mx.array, mask: Union[None, str, mx.array] = None, cache: Optional[Any] = None) -> mx.array:
+        B, L, _ = x.shape
+        qkv = self.qkv_proj(x).reshape(B, L, -1, self.head_dim).transpose(0, 2, 1, 3)
+        queries, keys, values = mx.split(qkv, [self.n_heads, self.n_heads + self.n_kv_heads], axis=1)
+        if self.normalize_qk:
+            queries, keys = self.q_norm(queries), self.k_norm(keys)
+
+        # Keys enter the cache already rotated, so past keys are never re-rotated.
+        offset = cache.offset if cache is not None else 0
+        queries = mx.fast.rope(queries, self.head_dim, traditional=False, base=self.rope_base, scale=1.0, offset=offset)
+        keys = mx.fast.rope(keys, self.head_dim, traditional=False, base=self.rope_base, scale=1.0, offset=offset)
+        if cache is not None:
+            keys, values = cache.update_and_fetch(keys, values)
+
+        # GQA: query head h reads kv head h // (n_heads / n_kv_heads), as CoreNet's repeat_interleave.
+        out = mx.fast.scaled_dot_product_attention(queries, keys, values, scale=self.scale, mask=mask)
+        return self.out_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
+
+
+class FeedForward(nn.Module):
+    """SwiGLU: the first half of ``proj_1``'s output is the gate."""
+
+    def __init__(self, args: ModelArgs, layer: int):
+        super().__init__()
+        hidden = args.ffn_intermediate_sizes[layer]
+        self.proj_1 = nn.Linear(args.model_dim, 2 * hidden, bias=False)
+        self.proj_2 = nn.Linear(hidden, args.model_dim, bias=False)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        gate, up = mx.split(self.proj_1(x), 2, axis=-1)
+        return self.proj_2(nn.silu(gate) * up)
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, args: ModelArgs, layer: int):
+        super().__init__()
+        self.attn_norm = RMSNorm(args.model_dim, args.rms_norm_eps)
+        self.attn = Attention(args, layer)
+        self.ffn_norm = RMSNorm(args.model_dim, args.rms_norm_eps)
+        self.ffn = FeedForward(args, layer)
+
+    def __call__(self, x: mx.array, mask=None, cache=None) -> mx.array:
+        h = x + self.attn(self.attn_norm(x), mask, cache)
+        return h + self.ffn(self.ffn_norm(h))
+
+
+class OpenELMModel(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.token_embeddings = nn.Embedding(args.vocab_size, args.model_dim)
+        self.layers = [TransformerBlock(args, i) for i in range(args.num_transformer_layers)]
+        self.norm = RMSNorm(args.model_dim, args.rms_norm_eps)
+
+    def __call__(self, inputs: mx.array, cache: Optional[List[Any]] = None, mask=None) -> mx.array:
+        h = self.token_embeddings(inputs)
+        if mask is None and h.shape[1] > 1:
+            mask = "causal"  # aligned bottom-right, so it also holds after a cache offset
+        cache = cache or [None] * len(self.layers)
+        for layer, c in zip(self.layers, cache):
+            h = layer(h, mask, c)
+        return self.norm(h)
+
+
+class Model(nn.Module):
+    """OpenELM for causal language modelling: ``model(tokens[B, L], cache) -> logits[B, L, V]``."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.model_type = args.model_type
+        self.transformer = OpenELMModel(args)
+        if not args.share_input_output_layers:
+            self.lm_head = nn.Linear(args.model_dim, args.vocab_size, bias=False)
+
+    def __call__(self, inputs: mx.array, cache: Optional[List[Any]] = None, mask=None) -> mx.array:
+        h = self.transformer(inputs, cache, mask)
+        if self.args.share_input_output_layers:
+            return self.transformer.token_embeddings.as_linear(h)
+        return self.lm_head(h)
+
+    @property
+    def layers(self):
+        return self.transformer.layers
+
+    def make_cache(self) -> List[KVCache]:
+        return [KVCache() for _ in self.layers]
+
+
+def init_weights(model: Model, seed: int = 0) -> Model:
+    """CoreNet's initialisation: N(0, fan_in^-1/2) for linears, N(0, d^-1/2) for the embedding,
+    N(0, d^-1/2 (2N)^-1/2) for the residual projections ``out_proj``/``proj_2``, ones for norms."""
+    from mlx.utils import tree_flatten, tree_unflatten
+
+    args = model.args
+    names_params = tree_flatten(model.parameters())
+    keys = mx.random.split(mx.random.key(seed), len(names_params))
+    residual_std = args.model_dim**-0.5 * (2 * args.num_transformer_layers) ** -0.5
+    new = []
+    for k, (name, p) in zip(keys, names_params):
+        if name.endswith("norm.weight"):
+            new.append((name, mx.ones_like(p)))
+            continue
+        if name.endswith(("out_proj.weight", "proj_2.weight")):
+            std = residual_std
+        elif name.endswith("token_embeddings.weight"):
+            std = args.model_dim**-0.5
+        else:
+            std = p.shape[-1] ** -0.5
+        new.append((name, (mx.random.normal(p.shape, key=k) * std).astype(p.dtype)))
+    model.update(tree_unflatten(new))
+    mx.eval(model.parameters())
+    return model

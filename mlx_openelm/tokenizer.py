@@ -1,0 +1,144 @@
+"""The Llama SentencePiece tokenizer that OpenELM uses, and its chat template.
+
+A folder may hold ``tokenizer.model`` (SentencePiece) or only ``tokenizer.json`` (the
+mlx-community conversions); both give the same ids for the Llama-2 vocabulary.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+from mlx_lm.tokenizer_utils import SPMStreamingDetokenizer
+
+# Zephyr-style template of OpenELM-*-Instruct (CoreNet instruction_tuning/openelm-instruct.yaml),
+# rendered with trim_blocks/lstrip_blocks. The role tags are plain text; "</s>" is the EOS token.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}\n"
+    "{% if message['role'] == 'user' %}\n"
+    "{{ '<|user|>\n' + message['content'] + eos_token }}\n"
+    "{% elif message['role'] == 'system' %}\n"
+    "{{ '<|system|>\n' + message['content'] + eos_token }}\n"
+    "{% elif message['role'] == 'assistant' %}\n"
+    "{{ '<|assistant|>\n'  + message['content'] + eos_token }}\n"
+    "{% endif %}\n"
+    "{% if loop.last and add_generation_prompt %}\n"
+    "{{ '<|assistant|>' }}\n"
+    "{% endif %}\n"
+    "{% endfor %}"
+)
+
+ROLES = ("system", "user", "assistant")
+
+
+def render_chat(messages: Sequence[Dict[str, str]], add_generation_prompt: bool = True, eos_token: str = "</s>") -> str:
+    """Render ``messages`` exactly as ``CHAT_TEMPLATE`` does (without needing jinja2)."""
+    parts = []
+    for m in messages:
+        if m["role"] not in ROLES:
+            raise ValueError(f"unknown chat role {m['role']!r}; use one of {', '.join(ROLES)}")
+        parts.append(f"<|{m['role']}|>\n{m['content']}{eos_token}\n")
+    if add_generation_prompt:
+        parts.append("<|assistant|>\n")
+    return "".join(parts)
+
+
+class Tokenizer:
+    """Encode/decode with BOS/EOS handling as Hugging Face's LlamaTokenizer (``legacy=False``)."""
+
+    def __init__(self, path: Path, chat_template: Optional[str] = None):
+        path = Path(path)
+        model_file = path / "tokenizer.model" if path.is_dir() else path
+        json_file = path / "tokenizer.json" if path.is_dir() else None
+        if model_file.is_file() and model_file.suffix == ".model":
+            import sentencepiece as spm
+
+            self._sp = spm.SentencePieceProcessor(model_file=str(model_file))
+            self._hf = None
+            self.bos_id, self.eos_id, self.unk_id = self._sp.bos_id(), self._sp.eos_id(), self._sp.unk_id()
+            self._pieces = [self._sp.id_to_piece(i) for i in range(self._sp.get_piece_size())]
+        elif json_file is not None and json_file.is_file():
+            from tokenizers import Tokenizer as HFTokenizer
+
+            self._sp = None
+            self._hf = HFTokenizer.from_file(str(json_file))
+            self._pieces = [self._hf.id_to_token(i) for i in range(self._hf.get_vocab_size())]
+            index = {p: i for i, p in enumerate(self._pieces)}
+            self.bos_id, self.eos_id, self.unk_id = index.get("<s>", 1), index.get("</s>", 2), index.get("<unk>", 0)
+        else:
+            raise FileNotFoundError(f"no tokenizer.model or tokenizer.json in {path}")
+        self.chat_template = chat_template
+        self._specials = {self._pieces[i]: i for i in (self.bos_id, self.eos_id, self.unk_id) if i >= 0}
+        self._special_re = re.compile("(" + "|".join(re.escape(s) for s in self._specials) + ")")
+        self._detokenizer = SPMStreamingDetokenizer(self)
+
+    # -- what SPMStreamingDetokenizer needs
+    def __len__(self) -> int:
+        return len(self._pieces)
+
+    def convert_ids_to_tokens(self, ids: Sequence[int]) -> List[str]:
+        return [self._pieces[i] for i in ids]
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self._pieces)
+
+    @property
+    def eos_token_ids(self) -> set:
+        return {self.eos_id}
+
+    def _encode_plain(self, text: str, prefix: bool) -> List[int]:
+        if not text:
+            return []
+        if self._hf is not None:
+            ids = self._hf.encode(text, add_special_tokens=False).ids
+            if not prefix and ids and self._pieces[ids[0]] == "\u2581":
+                ids = ids[1:]
+            return ids
+        if prefix:
+            return self._sp.encode(text)
+        # No dummy "▁" before text that follows a special token (HF legacy=False): encode
+        # behind the unk piece and drop it.
+        marker = self._sp.encode(self._pieces[self.unk_id])
+        ids = self._sp.encode(self._pieces[self.unk_id] + text)
+        return ids[len(marker):]
+
+    def encode(self, text: str, add_bos: bool = True, add_eos: bool = False) -> List[int]:
+        """Token ids of ``text``; the literal strings ``<s>``/``</s>`` become the BOS/EOS ids."""
+        ids = [self.bos_id] if add_bos else []
+        after_special = False
+        for i, part in enumerate(self._special_re.split(text)):
+            if i % 2:
+                ids.append(self._specials[part])
+                after_special = True
+            elif part:
+                ids.extend(self._encode_plain(part, prefix=not after_special))
+        if add_eos:
+            ids.append(self.eos_id)
+        return ids
+
+    def decode(self, ids: Sequence[int], skip_special: bool = True) -> str:
+        ids = [int(i) for i in ids]
+        if skip_special:
+            ids = [i for i in ids if i not in (self.bos_id, self.eos_id)]
+        if self._hf is not None:
+            return self._hf.decode(ids, skip_special_tokens=skip_special)
+        return self._sp.decode(ids)
+
+    @property
+    def detokenizer(self):
+        """A fresh streaming detokenizer (mlx-lm's SentencePiece one)."""
+        self._detokenizer.reset()
+        return self._detokenizer
+
+    def apply_chat_template(self, messages: Sequence[Dict[str, str]], add_generation_prompt: bool = True) -> str:
+        return render_chat(messages, add_generation_prompt, eos_token=self._pieces[self.eos_id])
+
+
+def load_chat_template(folder: Path) -> Optional[str]:
+    cfg = Path(folder) / "tokenizer_config.json"
+    if cfg.is_file():
+        return json.loads(cfg.read_text()).get("chat_template")
+    return None

@@ -1,0 +1,132 @@
+"""Shared fixtures: a SentencePiece tokenizer trained on the fly and tiny checkpoints in the
+exact ``apple/OpenELM-*`` layout (config.json + model.safetensors with ``transformer.*`` keys)."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from pathlib import Path
+
+import pytest
+
+import mlx_openelm  # noqa: F401  (OpenBLAS before mlx)
+import mlx.core as mx
+from mlx.utils import tree_flatten
+
+from mlx_openelm.config import ModelArgs
+from mlx_openelm.model import Model, init_weights
+
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+
+WORDS = (
+    "the a cat dog sat on mat runs fast slow red blue green question answer true false "
+    "solution option ending model apple tree river mountain city light dark open small large "
+    "please choose correct following sentence complete instruction response below task"
+).split()
+
+
+def _corpus(n=3000, seed=0):
+    rng = random.Random(seed)
+    lines = []
+    for _ in range(n):
+        lines.append(" ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 14))).capitalize() + ".")
+    lines += [
+        "Please answer the following question with true or false.",
+        "Answer format: true/false",
+        "### Instruction:",
+        "### Response:",
+        "the correct answer is answer1 answer2 answer3 answer4 answer5",
+        "solution1 solution2 option1 option2 ending1 ending2 ending3 ending4",
+        "<|user|> <|assistant|> <|system|>",
+        "Hello! How are you? 1234567890 ({[]}) é ü ß — …",
+    ] * 20
+    return lines
+
+
+@pytest.fixture(scope="session")
+def sp_model_path(tmp_path_factory) -> Path:
+    """A Llama-layout SentencePiece model (unk=0, bos=1, eos=2, byte fallback) trained in the test."""
+    import sentencepiece as spm
+
+    d = tmp_path_factory.mktemp("spm")
+    corpus = d / "corpus.txt"
+    corpus.write_text("\n".join(_corpus()))
+    spm.SentencePieceTrainer.train(
+        input=str(corpus),
+        model_prefix=str(d / "tokenizer"),
+        vocab_size=384,
+        model_type="bpe",
+        byte_fallback=True,
+        unk_id=0,
+        bos_id=1,
+        eos_id=2,
+        pad_id=-1,
+        character_coverage=1.0,
+        num_threads=1,
+        minloglevel=2,
+    )
+    return d / "tokenizer.model"
+
+
+TINY = dict(num_transformer_layers=4, model_dim=128, head_dim=16, num_gqa_groups=4, ffn_dim_divisor=32, vocab_size=384)
+
+
+def tiny_args(**overrides) -> ModelArgs:
+    return ModelArgs(**{**TINY, **overrides})
+
+
+def hf_config(args: ModelArgs, torch_dtype="float32") -> dict:
+    """config.json as the apple/OpenELM repos store it (per-layer lists, remote-code fields)."""
+    return {
+        "activation_fn_name": "swish",
+        "architectures": ["OpenELMForCausalLM"],
+        "auto_map": {
+            "AutoConfig": "configuration_openelm.OpenELMConfig",
+            "AutoModelForCausalLM": "modeling_openelm.OpenELMForCausalLM",
+        },
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        "ffn_dim_divisor": args.ffn_dim_divisor,
+        "ffn_multipliers": [round(s / args.model_dim, 4) for s in args.ffn_intermediate_sizes],
+        "ffn_with_glu": True,
+        "head_dim": args.head_dim,
+        "initializer_range": 0.02,
+        "max_context_length": args.max_context_length,
+        "model_dim": args.model_dim,
+        "model_type": "openelm",
+        "normalization_layer_name": "rms_norm",
+        "normalize_qk_projections": True,
+        "num_gqa_groups": args.num_gqa_groups,
+        "num_kv_heads": args.num_kv_heads,
+        "num_query_heads": args.num_query_heads,
+        "num_transformer_layers": args.num_transformer_layers,
+        "qkv_multipliers": [0.5, 1.0],
+        "rope_freq_constant": 10000,
+        "rope_max_length": 4096,
+        "share_input_output_layers": True,
+        "torch_dtype": torch_dtype,
+        "transformers_version": "4.39.3",
+        "use_cache": True,
+        "vocab_size": args.vocab_size,
+    }
+
+
+def write_hf_checkpoint(folder: Path, args: ModelArgs, seed: int = 0, tokenizer: Path | None = None) -> Model:
+    """Write a random-weight checkpoint in the apple/OpenELM layout; return the model it holds."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    model = init_weights(Model(args), seed)
+    (folder / "config.json").write_text(json.dumps(hf_config(args), indent=2))
+    mx.save_safetensors(str(folder / "model.safetensors"), dict(tree_flatten(model.parameters())), metadata={"format": "pt"})
+    if tokenizer is not None:
+        (folder / "tokenizer.model").write_bytes(Path(tokenizer).read_bytes())
+    return model
+
+
+@pytest.fixture
+def hf_checkpoint(tmp_path, sp_model_path):
+    """A tiny apple/OpenELM-layout folder (without tokenizer, like the real repos) and its model."""
+    folder = tmp_path / "OpenELM-tiny"
+    model = write_hf_checkpoint(folder, tiny_args())
+    return folder, model
