@@ -1,0 +1,1 @@
+"""Low-rank adapters (LoRA, DoRA), data and evaluation for fine-tuning OpenELM."""

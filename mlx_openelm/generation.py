@@ -1,0 +1,253 @@
+"""Streaming generation: mlx-lm's token loops (plain and speculative) plus prompt-lookup
+decoding, with OpenELM's tokenizer, context limit and multi-turn cache reuse."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Union
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx_lm.generate import GenerationResponse, generate_step, speculative_generate_step
+from mlx_lm.models.cache import make_prompt_cache, trim_prompt_cache
+from mlx_lm.sample_utils import make_logits_processors, make_sampler
+
+from .tokenizer import Tokenizer
+
+__all__ = ["GenerationResponse", "ChatSession", "stream_generate", "generate", "make_sampler"]
+
+
+def _context_length(model: nn.Module) -> int:
+    return getattr(getattr(model, "args", None), "max_context_length", 2048)
+
+
+def find_draft(history: Sequence[int], ngram_max: int, num_draft: int) -> List[int]:
+    """Prompt-lookup drafting: the tokens that followed the latest earlier occurrence of the
+    longest suffix n-gram (n = ngram_max..1) of ``history``."""
+    n_hist = len(history)
+    for n in range(min(ngram_max, n_hist - 1), 0, -1):
+        tail = list(history[n_hist - n:])
+        for start in range(n_hist - n - 1, -1, -1):
+            if list(history[start:start + n]) == tail:
+                follow = list(history[start + n:start + n + num_draft])
+                if follow:
+                    return follow
+    return []
+
+
+def prompt_lookup_generate_step(
+    prompt: mx.array,
+    model: nn.Module,
+    *,
+    num_draft_tokens: int = 10,
+    ngram_max: int = 3,
+    max_tokens: int = 256,
+    sampler=None,
+    logits_processors=None,
+    prompt_cache: Optional[List[Any]] = None,
+    prefill_step_size: int = 512,
+) -> Iterator[tuple]:
+    """Prompt-lookup decoding: drafts copied from the context are verified in one forward pass.
+    Every emitted token is sampled from the model's own distribution, so at temperature 0 the
+    output equals plain greedy decoding. Yields ``(token, logprobs, from_draft)``."""
+    sampler = sampler or (lambda lp: mx.argmax(lp, axis=-1))
+    cache = prompt_cache if prompt_cache is not None else make_prompt_cache(model)
+    history = [int(t) for t in prompt.tolist()]
+    y = prompt
+    while y.size > 1:  # prefill all but the last prompt token
+        n = min(prefill_step_size, y.size - 1)
+        model(y[:n][None], cache=cache)
+        mx.eval([c.state for c in cache])
+        y = y[n:]
+
+    def sample_at(logits_row: mx.array, upto: int):
+        for proc in logits_processors or []:
+            logits_row = proc(mx.array(history[:upto]), logits_row)
+        logprobs = logits_row - mx.logsumexp(logits_row, axis=-1, keepdims=True)
+        return sampler(logprobs), logprobs
+
+    ntoks = 0
+    pending = [int(t) for t in y.tolist()]  # tokens not yet in the cache
+    while ntoks < max_tokens:
+        draft = find_draft(history, ngram_max, min(num_draft_tokens, max_tokens - ntoks - 1))
+        feed = pending + draft
+        logits = model(mx.array(feed)[None], cache=cache)[0, len(pending) - 1:]
+        base = len(history)
+        accepted = 0
+        for i in range(len(draft) + 1):
+            tok, logprobs = sample_at(logits[i:i + 1], base + i)
+            tok = int(tok.item())
+            from_draft = i < len(draft) and tok == draft[i]
+            history.append(tok)
+            ntoks += 1
+            yield tok, logprobs.squeeze(0), from_draft
+            if not from_draft or ntoks >= max_tokens:
+                break
+            accepted += 1
+        # The cache holds feed; keep the accepted drafts, the last token is fed next round.
+        trim_prompt_cache(cache, len(draft) - accepted)
+        pending = [history[-1]]
+
+
+@dataclass
+class GenerationStats:
+    prompt_tokens: int = 0
+    prompt_tps: float = 0.0
+    generation_tokens: int = 0
+    generation_tps: float = 0.0
+    peak_memory_gb: float = 0.0
+    drafted_accepted: int = 0
+    finish_reason: Optional[str] = None
+    extra: Dict[str, Any] = field(default_factory=dict)
+
+
+def stream_generate(
+    model: nn.Module,
+    tokenizer: Tokenizer,
+    prompt: Union[str, Sequence[int]],
+    *,
+    max_tokens: int = 256,
+    temp: float = 0.0,
+    top_p: float = 0.0,
+    top_k: int = 0,
+    min_p: float = 0.0,
+    repetition_penalty: Optional[float] = None,
+    repetition_context_size: int = 20,
+    seed: Optional[int] = None,
+    prompt_cache: Optional[List[Any]] = None,
+    draft_model: Optional[nn.Module] = None,
+    num_draft_tokens: int = 3,
+    prompt_lookup: int = 0,
+    stop_at_eos: bool = True,
+) -> Iterator[GenerationResponse]:
+    """Generate from ``prompt`` (text, encoded with BOS, or token ids), yielding text segments.
+
+    Sampling: ``temp == 0`` is greedy; ``top_p``/``top_k``/``min_p`` filter as mlx-lm's sampler;
+    ``repetition_penalty`` (the model card uses 1.2) looks back ``repetition_context_size`` tokens.
+    Decoding: ``draft_model`` enables speculative decoding (same tokenizer), ``prompt_lookup=N``
+    drafts N tokens from the context. ``prompt_cache`` (from ``model.make_cache()``) is extended in
+    place, so a later call can continue after what this one saw.
+
+    The context is ``max_context_length`` tokens (2048): a prompt that does not fit raises
+    ``ValueError``; generation stops at the limit with ``finish_reason == "context"``.
+    """
+    if max_tokens <= 0:
+        raise ValueError("max_tokens must be positive")
+    if draft_model is not None and prompt_lookup:
+        raise ValueError("choose either a draft model or prompt lookup, not both")
+    ids = tokenizer.encode(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
+    if not ids:
+        raise ValueError("the prompt is empty")
+    limit = _context_length(model)
+    cached = prompt_cache[0].offset if prompt_cache else 0
+    if cached + len(ids) > limit:
+        raise ValueError(
+            f"the prompt needs {cached + len(ids)} tokens but OpenELM's context is {limit}; shorten it (or /reset the chat)"
+        )
+    budget = min(max_tokens, limit - cached - len(ids))
+    if budget <= 0:
+        raise ValueError(f"no room to generate: the context ({limit} tokens) is full; shorten the prompt (or /reset the chat)")
+    if seed is not None:
+        mx.random.seed(seed)
+    sampler = make_sampler(temp=temp, top_p=top_p, min_p=min_p, top_k=top_k)
+    processors = make_logits_processors(repetition_penalty=repetition_penalty, repetition_context_size=repetition_context_size)
+    prompt_arr = mx.array(ids, mx.uint32)
+
+    if draft_model is not None:
+        if prompt_cache is not None:
+            raise ValueError("speculative decoding does not continue a chat cache")
+        if draft_model.args.vocab_size != model.args.vocab_size:
+            raise ValueError("the draft model must share the target's tokenizer (vocab sizes differ)")
+        steps = speculative_generate_step(
+            prompt_arr, model, draft_model, num_draft_tokens=num_draft_tokens, max_tokens=budget,
+            sampler=sampler, logits_processors=processors,
+        )
+    elif prompt_lookup:
+        steps = prompt_lookup_generate_step(
+            prompt_arr, model, num_draft_tokens=prompt_lookup, max_tokens=budget, sampler=sampler,
+            logits_processors=processors, prompt_cache=prompt_cache,
+        )
+    else:
+        steps = ((t, lp, False) for t, lp in generate_step(
+            prompt_arr, model, max_tokens=budget, sampler=sampler, logits_processors=processors, prompt_cache=prompt_cache,
+        ))
+
+    detok = tokenizer.detokenizer
+    eos = tokenizer.eos_token_ids if stop_at_eos else set()
+    tic = time.perf_counter()
+    prompt_tps, n, token, finish, logprobs, from_draft = 0.0, 0, None, None, None, False
+    for n, (token, logprobs, from_draft) in enumerate(steps, start=1):
+        token = int(token)
+        if n == 1:
+            prompt_tps = len(ids) / (time.perf_counter() - tic)
+            tic = time.perf_counter()
+        if token in eos:
+            finish = "stop"
+            break
+        detok.add_token(token)
+        if n == budget:
+            finish = "length" if budget == max_tokens else "context"
+            break
+        yield GenerationResponse(
+            text=detok.last_segment, token=token, logprobs=logprobs, from_draft=from_draft,
+            prompt_tokens=len(ids), prompt_tps=prompt_tps, generation_tokens=n,
+            generation_tps=n / max(time.perf_counter() - tic, 1e-9), peak_memory=mx.get_peak_memory() / 1e9,
+        )
+    detok.finalize()
+    yield GenerationResponse(
+        text=detok.last_segment, token=token, logprobs=logprobs, from_draft=from_draft,
+        prompt_tokens=len(ids), prompt_tps=prompt_tps, generation_tokens=n,
+        generation_tps=n / max(time.perf_counter() - tic, 1e-9), peak_memory=mx.get_peak_memory() / 1e9,
+        finish_reason=finish or "length",
+    )
+
+
+def generate(model: nn.Module, tokenizer: Tokenizer, prompt: Union[str, Sequence[int]], **kwargs) -> str:
+    """Generate and return the whole text; takes the options of :func:`stream_generate`."""
+    return "".join(r.text for r in stream_generate(model, tokenizer, prompt, **kwargs))
+
+
+class ChatSession:
+    """A multi-turn chat that keeps one KV cache across turns.
+
+    Each turn renders the whole conversation with the -Instruct template, finds how many of its
+    tokens the cache already holds, trims the cache to that common prefix and feeds only the rest,
+    so earlier turns are never prefilled again.
+    """
+
+    def __init__(self, model: nn.Module, tokenizer: Tokenizer, system: Optional[str] = None):
+        self.model, self.tokenizer, self.system = model, tokenizer, system
+        self.reset()
+
+    def reset(self) -> None:
+        self.messages: List[Dict[str, str]] = [{"role": "system", "content": self.system}] if self.system else []
+        self.cache = make_prompt_cache(self.model)
+        self.cache_tokens: List[int] = []
+
+    def reply(self, user_message: str, **kwargs) -> Iterator[GenerationResponse]:
+        """Stream the assistant's answer to ``user_message``; the options of :func:`stream_generate`.
+        If the consumer stops early (Ctrl-C), the partial answer is kept as the assistant's turn."""
+        self.messages.append({"role": "user", "content": user_message})
+        ids = self.tokenizer.encode(self.tokenizer.apply_chat_template(self.messages))
+        common = 0
+        for a, b in zip(self.cache_tokens, ids):
+            if a != b:
+                break
+            common += 1
+        common = min(common, len(ids) - 1)  # at least one token must be fed
+        trim_prompt_cache(self.cache, self.cache[0].offset - common)
+        new = ids[common:]
+        generated: List[int] = []
+        text = []
+        try:
+            for r in stream_generate(self.model, self.tokenizer, new, prompt_cache=self.cache, **kwargs):
+                if r.token is not None:
+                    generated.append(r.token)  # EOS included: the template renders it after the answer
+                text.append(r.text)
+                r.prompt_tokens = len(new)
+                r.cached_tokens = common
+                yield r
+        finally:
+            self.messages.append({"role": "assistant", "content": "".join(text)})
+            self.cache_tokens = (ids + generated)[: self.cache[0].offset]
