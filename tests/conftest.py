@@ -63,6 +63,8 @@ def sp_model_path(tmp_path_factory) -> Path:
         eos_id=2,
         pad_id=-1,
         character_coverage=1.0,
+        remove_extra_whitespaces=False,  # as Llama's tokenizer: the templates' indentation survives
+        normalization_rule_name="identity",
         num_threads=1,
         minloglevel=2,
     )

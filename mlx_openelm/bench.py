@@ -1,0 +1,553 @@
+"""Throughput benchmark and the RMSNorm study.
+
+``benchmark`` times prompt processing, decoding, time to first token and peak memory of our
+OpenELM through ``generation.stream_generate`` (greedy, exactly ``gen_tokens`` tokens), and
+optionally, in the same run and on the same weights, mlx-lm's OpenELM through mlx-lm's
+``generate_step`` (the token loop under its ``stream_generate``; it needs no tokenizer).
+``run_bench`` builds the models for the ``mlx-openelm bench`` command. Functions return plain
+dicts; nothing here prints.
+
+Terms. The *checkpoint* is the model as stored: a model folder, or random weights at a released
+size's shapes kept in float16 (the dtype of the published MLX conversions) unless a dtype is
+named. mlx-lm runs the checkpoint at its defaults (stored dtype and quantization). Ours runs what
+``loading.load_model`` makes of it: with ``dtype="auto"`` float32 on the CPU (quantized layers
+dequantized), the stored dtype on a GPU; a named dtype casts and keeps quantization.
+Two comparisons come out: ``same_dtype`` (ours on the checkpoint exactly as stored, vs mlx-lm:
+the same kernels, so only the model code differs) and ``defaults`` (ours as loaded vs mlx-lm at
+its defaults: what a user of each gets from the same checkpoint).
+
+Noise. Every contender is warmed up once with a short run; then ``repeats`` rounds run every
+contender once each, interleaved, and medians are reported. Ratios ours/mlx-lm are medians of
+the per-round ratios (each round's runs are close in time, so drift on a shared machine cancels).
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import random
+import statistics
+import tempfile
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Union
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten, tree_unflatten
+
+from .config import ModelArgs
+from .loading import DTYPES, QUANTIZED, cast_parameters, dequantize, float_dtype_of, quantization_of
+from .model import Model, RMSNorm, init_weights
+
+# A shape for tests and quick checks; dimensions are multiples of 64 so 4/8-bit quantization applies.
+TINY_SHAPE = dict(num_transformer_layers=4, model_dim=128, head_dim=16, num_gqa_groups=4, ffn_dim_divisor=64, vocab_size=512)
+SHAPES = ("270M", "450M", "1_1B", "3B", "tiny")
+GROUP_SIZE = 64
+QUANT_BITS = (2, 3, 4, 5, 6, 8)
+WARMUP_PROMPT, WARMUP_GEN = 16, 4
+
+ABLATION_METHOD = (
+    "Norm time per token is measured, not estimated: during one decode forward pass (one token) every "
+    "RMSNorm call's input is recorded (same shapes, dtypes and memory layouts as in the model), then "
+    "all those calls are re-run alone, 8 decode steps' worth per evaluation, and timed including graph "
+    "construction; median over rounds, fused and naive interleaved. Share = that time / the decode time "
+    "per token measured end to end with the same RMSNorm variant."
+)
+
+
+# ---------------------------------------------------------------- models
+
+
+def shape_args(shape: str) -> ModelArgs:
+    """``ModelArgs`` of a released size (``270M``, ``450M``, ``1_1B``, ``3B``) or ``tiny``."""
+    if shape.lower() == "tiny":
+        return ModelArgs(**TINY_SHAPE)
+    return ModelArgs.from_name(shape)
+
+
+def quantize_model(model: nn.Module, bits: int) -> nn.Module:
+    """Quantize every Linear and the embedding in place (affine, group size 64), as converters do."""
+    if bits not in QUANT_BITS:
+        raise ValueError(f"--quantize {bits} is not supported; choose one of {', '.join(map(str, QUANT_BITS))} (4 or 8 usually)")
+    if quantization_of(model) is not None:
+        raise ValueError("the model is already quantized; drop --quantize")
+    nn.quantize(model, group_size=GROUP_SIZE, bits=bits)
+    mx.eval(model.parameters())
+    return model
+
+
+def random_model(shape: str, dtype: str = "float16", quantize: Optional[int] = None, seed: int = 0) -> Model:
+    """Random weights (CoreNet's initialisation) at the shapes of ``shape``, stored in ``dtype``,
+    optionally quantized: a stand-in checkpoint that needs no download."""
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; choose {', '.join(DTYPES)}")
+    model = Model(shape_args(shape))
+    model.set_dtype(DTYPES[dtype])
+    init_weights(model, seed)
+    if quantize:
+        quantize_model(model, quantize)
+    return model
+
+
+def share_weights(src: nn.Module, dst: nn.Module) -> nn.Module:
+    """Give ``dst`` (same architecture, e.g. mlx-lm's OpenELM) the very arrays of ``src``, with the
+    same layers quantized; no copy is made."""
+    quant = {p: dict(group_size=m.group_size, bits=m.bits, mode=m.mode) for p, m in src.named_modules() if isinstance(m, QUANTIZED)}
+    if quant:
+        nn.quantize(dst, class_predicate=lambda p, m: quant.get(p, False))
+    mine = {k: v.shape for k, v in tree_flatten(dst.parameters())}
+    theirs = tree_flatten(src.parameters())
+    if mine != {k: v.shape for k, v in theirs}:
+        raise ValueError("the two models' parameter names or shapes differ; they are not the same architecture")
+    dst.update(tree_unflatten(theirs))
+    return dst
+
+
+def mlx_lm_model(args: ModelArgs) -> nn.Module:
+    """mlx-lm's OpenELM for ``args`` (uninitialised; fill it with ``share_weights``)."""
+    from mlx_lm.models import openelm
+
+    return openelm.Model(openelm.ModelArgs(
+        model_type="openelm", head_dim=args.head_dim, num_transformer_layers=args.num_transformer_layers,
+        model_dim=args.model_dim, vocab_size=args.vocab_size, ffn_dim_divisor=args.ffn_dim_divisor,
+        num_query_heads=list(args.num_query_heads), num_kv_heads=list(args.num_kv_heads),
+        ffn_multipliers=[s / args.model_dim for s in args.ffn_intermediate_sizes],
+        normalize_qk_projections=args.normalize_qk_projections, share_input_output_layers=args.share_input_output_layers,
+        rms_norm_eps=args.rms_norm_eps, rope_freq_constant=args.rope_freq_constant,
+    ))
+
+
+def _on_cpu() -> bool:
+    return mx.default_device().type == mx.DeviceType.cpu
+
+
+def as_loaded(checkpoint: Model, dtype: str = "auto") -> Model:
+    """Our model for ``checkpoint`` as ``loading.load_model(folder, dtype, keep_quantized=dtype != "auto")``
+    makes it from a folder holding ``checkpoint``; ``checkpoint`` itself when nothing changes."""
+    if dtype != "auto" and dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; choose auto, {', '.join(DTYPES)}")
+    target = mx.float32 if dtype == "auto" and _on_cpu() else DTYPES.get(dtype)
+    dequant = dtype == "auto" and _on_cpu() and quantization_of(checkpoint) is not None
+    if not dequant and (target is None or DTYPES[float_dtype_of(checkpoint)] == target):
+        return checkpoint
+    model = share_weights(checkpoint, Model(checkpoint.args))
+    if dequant:
+        dequantize(model, target)
+    cast_parameters(model, target)
+    mx.eval(model.parameters())
+    return model
+
+
+def set_fused_norms(model: nn.Module, fused: bool) -> int:
+    """Switch every ``RMSNorm`` between ``mx.fast.rms_norm`` and the naive composed ops; returns their count."""
+    norms = [m for _, m in model.named_modules() if isinstance(m, RMSNorm)]
+    for m in norms:
+        m.fused = fused
+    return len(norms)
+
+
+def describe(model: nn.Module) -> Dict[str, Any]:
+    """dtype, quantization and weight size of a model."""
+    nbytes = sum(v.nbytes for _, v in tree_flatten(model.parameters()))
+    return {"dtype": float_dtype_of(model), "quantization": quantization_of(model), "weights_gb": nbytes / 1e9}
+
+
+class TokenIds:
+    """What ``stream_generate`` needs from a tokenizer when there is none (random weights): a token's
+    text is its id; generation runs without EOS checks (``stop_at_eos=False``)."""
+
+    eos_token_ids = frozenset()
+
+    class _Detokenizer:
+        def __init__(self):
+            self.last_segment = ""
+
+        def add_token(self, token: int) -> None:
+            self.last_segment = f" {token}"
+
+        def finalize(self) -> None:
+            self.last_segment = ""
+
+    @property
+    def detokenizer(self):
+        return self._Detokenizer()
+
+
+# ---------------------------------------------------------------- timing
+
+
+def _sync() -> None:
+    from mlx_lm.generate import generation_stream
+
+    mx.synchronize(generation_stream)
+    mx.synchronize()
+
+
+def time_generation(run: Callable[[], Iterable], n_prompt: int, weights_gb: float) -> Dict[str, float]:
+    """Time one generation: ``run()`` yields once per generated token.
+
+    ttft_s: call to first token (prompt processing plus the first step); prompt_tps = n_prompt / ttft_s;
+    generation_tps = (tokens - 1) / (last token - first token); peak_memory_gb = the model's weights plus
+    the most memory the run added (KV cache, activations), so models held alongside do not count.
+    """
+    gc.collect()
+    _sync()
+    mx.clear_cache()
+    base = mx.get_active_memory()
+    mx.reset_peak_memory()
+    n, first, last = 0, 0.0, 0.0
+    tic = time.perf_counter()
+    for _ in run():
+        last = time.perf_counter()
+        first = first or last
+        n += 1
+    _sync()
+    if n < 2:
+        raise ValueError("a benchmark run must generate at least 2 tokens")
+    ttft = first - tic
+    return {
+        "prompt_tps": n_prompt / ttft,
+        "generation_tps": (n - 1) / (last - first),
+        "ttft_s": ttft,
+        "peak_memory_gb": weights_gb + max(mx.get_peak_memory() - base, 0) / 1e9,
+    }
+
+
+Runner = Callable[[Sequence[int], int], Iterable]
+
+
+def ours_runner(model: nn.Module, tokenizer: Any, fused_norms: bool = True) -> Runner:
+    """Our ``stream_generate``, greedy, exactly ``n`` tokens."""
+    from .generation import stream_generate
+
+    def run(ids, n):
+        set_fused_norms(model, fused_norms)
+        return stream_generate(model, tokenizer, ids, max_tokens=n, stop_at_eos=False)
+
+    return run
+
+
+def mlx_lm_runner(model: nn.Module) -> Runner:
+    """mlx-lm's ``generate_step`` (greedy by default), exactly ``n`` tokens."""
+    from mlx_lm.generate import generate_step
+
+    return lambda ids, n: generate_step(mx.array(ids, mx.uint32), model, max_tokens=n)
+
+
+def measure(contenders: Dict[str, tuple], ids: Sequence[int], gen_tokens: int, repeats: int) -> Dict[str, Dict[str, Any]]:
+    """Warm each ``name: (runner, model)`` up, then time ``repeats`` interleaved rounds.
+    Returns per contender the medians, ``describe(model)`` and the per-round ``samples``."""
+    info = {name: describe(model) for name, (_, model) in contenders.items()}
+    for runner, _ in contenders.values():
+        for _ in runner(ids[:WARMUP_PROMPT], WARMUP_GEN):
+            pass
+    samples: Dict[str, List[Dict[str, float]]] = {name: [] for name in contenders}
+    for _ in range(repeats):
+        for name, (runner, _) in contenders.items():
+            samples[name].append(time_generation(lambda: runner(ids, gen_tokens), len(ids), info[name]["weights_gb"]))
+    out = {}
+    for name, rounds in samples.items():
+        keys = rounds[0].keys()
+        out[name] = {
+            **{k: statistics.median(r[k] for r in rounds) for k in keys},
+            **info[name],
+            "samples": {k: [r[k] for r in rounds] for k in keys},
+        }
+    return out
+
+
+def paired_ratios(a: Dict[str, Any], b: Dict[str, Any]) -> Dict[str, float]:
+    """Median over rounds of a/b for each timed quantity (the rounds ran interleaved)."""
+    return {k: statistics.median(x / y for x, y in zip(a["samples"][k], b["samples"][k])) for k in a["samples"]}
+
+
+# ---------------------------------------------------------------- RMSNorm study
+
+
+@contextmanager
+def _recording_norm_inputs(store: List[tuple]):
+    call = RMSNorm.__call__
+
+    def recording(self, x):
+        store.append((self, x))
+        return call(self, x)
+
+    RMSNorm.__call__ = recording
+    try:
+        yield
+    finally:
+        RMSNorm.__call__ = call
+
+
+def norm_time_per_token(model: Model, token: int, rounds: int = 15, steps_per_eval: int = 8) -> Dict[str, Any]:
+    """Milliseconds that one decode step spends in RMSNorm, fused and naive (see ``ABLATION_METHOD``)."""
+    captured: List[tuple] = []
+    with _recording_norm_inputs(captured):
+        logits = model(mx.array([[token]]))  # one token without cache: the shapes of a decode step
+    mx.eval(logits, [x for _, x in captured])
+
+    def once(fused: bool) -> float:
+        set_fused_norms(model, fused)
+        tic = time.perf_counter()
+        mx.eval([norm(x) for _ in range(steps_per_eval) for norm, x in captured])
+        return (time.perf_counter() - tic) * 1e3 / steps_per_eval
+
+    times: Dict[bool, List[float]] = {True: [], False: []}
+    for r in range(rounds + 1):
+        for fused in (True, False):
+            t = once(fused)
+            if r:  # round 0 warms up
+                times[fused].append(t)
+    set_fused_norms(model, True)
+    return {"calls": len(captured), "fused_ms": statistics.median(times[True]), "naive_ms": statistics.median(times[False])}
+
+
+def ablation_summary(fused: Dict[str, Any], naive: Dict[str, Any], norms: Dict[str, Any]) -> Dict[str, Any]:
+    """Combine the end-to-end runs (fused, naive) with the isolated norm timings."""
+    out: Dict[str, Any] = {"method": ABLATION_METHOD, "norm_calls_per_token": norms["calls"]}
+    for name, run, norm_ms in (("fused", fused, norms["fused_ms"]), ("naive", naive, norms["naive_ms"])):
+        decode_ms = 1e3 / run["generation_tps"]
+        out[name] = {
+            **{k: run[k] for k in ("prompt_tps", "generation_tps", "ttft_s", "peak_memory_gb", "samples")},
+            "decode_ms_per_token": decode_ms,
+            "norm_ms_per_token": norm_ms,
+            "norm_share": norm_ms / decode_ms,
+        }
+    out["generation_speedup_fused_over_naive"] = paired_ratios(fused, naive)["generation_tps"]
+    out["prompt_speedup_fused_over_naive"] = paired_ratios(fused, naive)["prompt_tps"]
+    # Cross-check: what fusing saves end to end vs in the isolated norm timings.
+    out["decode_ms_saved_end_to_end"] = out["naive"]["decode_ms_per_token"] - out["fused"]["decode_ms_per_token"]
+    out["norm_ms_saved_isolated"] = norms["naive_ms"] - norms["fused_ms"]
+    return out
+
+
+# ---------------------------------------------------------------- the benchmark
+
+
+def prompt_ids(n: int, vocab_size: int, seed: int = 0) -> List[int]:
+    """``n`` random token ids (BOS first), avoiding the special ids 0-2."""
+    rng = random.Random(seed)
+    return [1] + [rng.randrange(3, vocab_size) for _ in range(n - 1)]
+
+
+def benchmark(
+    ours: Model,
+    tokenizer: Any = None,
+    *,
+    checkpoint: Optional[nn.Module] = None,
+    prompt_tokens: int = 512,
+    gen_tokens: int = 128,
+    repeats: int = 3,
+    compare_mlx_lm: bool = False,
+    rmsnorm_ablation: bool = False,
+    seed: int = 0,
+    label: str = "",
+) -> Dict[str, Any]:
+    """Benchmark ``ours`` (our ``Model``); see the module docstring for the terms.
+
+    ``checkpoint`` (our ``Model`` or mlx-lm's OpenELM holding the stored weights; default ``ours``)
+    is what mlx-lm runs when ``compare_mlx_lm``. ``rmsnorm_ablation`` adds our model with naive
+    RMSNorm to the rounds and measures the share of decode time spent in normalisation.
+    ``tokenizer`` defaults to ``TokenIds()``. Every key is always present (``None`` when not asked).
+    """
+    import mlx_lm
+
+    from . import _backend
+
+    args = ours.args
+    if prompt_tokens < 1 or gen_tokens < 2 or repeats < 1:
+        raise ValueError("need --prompt-tokens >= 1, --gen-tokens >= 2 and --repeats >= 1")
+    if prompt_tokens + gen_tokens > args.max_context_length:
+        raise ValueError(
+            f"--prompt-tokens + --gen-tokens is {prompt_tokens + gen_tokens}, over OpenELM's {args.max_context_length}-token context"
+        )
+    tokenizer = tokenizer or TokenIds()
+    ids = prompt_ids(prompt_tokens, args.vocab_size, seed)
+    checkpoint = ours if checkpoint is None else checkpoint
+
+    contenders = {"ours": (ours_runner(ours, tokenizer), ours)}
+    if compare_mlx_lm:
+        ours_stored = checkpoint if isinstance(checkpoint, Model) else share_weights(checkpoint, Model(args))
+        theirs = share_weights(checkpoint, mlx_lm_model(args)) if isinstance(checkpoint, Model) else checkpoint
+        if describe(ours_stored) != describe(ours):  # else mode (a) is mode (b): measure once
+            contenders["ours_stored"] = (ours_runner(ours_stored, tokenizer), ours_stored)
+        contenders["mlx_lm"] = (mlx_lm_runner(theirs), theirs)
+    if rmsnorm_ablation:
+        contenders["ours_naive_rmsnorm"] = (ours_runner(ours, tokenizer, fused_norms=False), ours)
+
+    runs = measure(contenders, ids, gen_tokens, repeats)
+    main = runs["ours"]
+    result: Dict[str, Any] = {
+        "model": label,
+        "device": mx.default_device().type.name,
+        "device_name": _device_name(),
+        "blas": _backend.BLAS,
+        "mlx_version": mx.__version__,
+        "mlx_lm_version": mlx_lm.__version__,
+        **describe(ours),
+        "checkpoint": _checkpoint_info(ours, checkpoint),
+        "prompt_tokens": prompt_tokens,
+        "gen_tokens": gen_tokens,
+        "repeats": repeats,
+        **{k: main[k] for k in ("prompt_tps", "generation_tps", "ttft_s", "peak_memory_gb", "samples")},
+        "mlx_lm": None,
+        "rmsnorm_ablation": None,
+    }
+    if compare_mlx_lm:
+        stored = runs.get("ours_stored", main)
+        result["mlx_lm"] = {
+            "same_dtype": {"ours": stored, "mlx_lm": runs["mlx_lm"], "ratio": paired_ratios(stored, runs["mlx_lm"])},
+            "defaults": {"ours": main, "mlx_lm": runs["mlx_lm"], "ratio": paired_ratios(main, runs["mlx_lm"])},
+            "same_dtype_is_defaults": "ours_stored" not in runs,
+        }
+    if rmsnorm_ablation:
+        norms = norm_time_per_token(ours, ids[-1])
+        result["rmsnorm_ablation"] = ablation_summary(main, runs["ours_naive_rmsnorm"], norms)
+    return result
+
+
+def _checkpoint_info(ours: nn.Module, checkpoint: nn.Module) -> Dict[str, Any]:
+    if checkpoint is not ours:
+        return describe(checkpoint)
+    info = getattr(ours, "compute_info", None)  # set by loading.load_model: what the folder stores
+    if info:
+        return {"dtype": info["stored_dtype"], "quantization": info["stored_quantization"], "weights_gb": None}
+    return describe(ours)
+
+
+def _device_name() -> str:
+    try:
+        return str(mx.device_info().get("device_name", ""))
+    except (AttributeError, RuntimeError):
+        return ""
+
+
+def run_bench(
+    *,
+    model: Optional[str] = None,
+    shape: Optional[str] = None,
+    dtype: str = "auto",
+    quantize: Optional[int] = None,
+    seed: int = 0,
+    plot: Optional[Union[str, Path]] = None,
+    **options,
+) -> Dict[str, Any]:
+    """Build the models for ``mlx-openelm bench`` and run ``benchmark`` (``options`` are its keywords).
+
+    ``shape``: random weights at a released size's shapes (or ``tiny``), stored in float16 unless
+    ``dtype`` names another; ``quantize`` quantizes that checkpoint. ``model``: a folder or hub id
+    loaded with ``loading.load`` (``keep_quantized`` unless ``dtype="auto"``); ``quantize`` quantizes
+    after loading, for ours and for the checkpoint mlx-lm runs. ``plot`` writes a PNG chart.
+    """
+    if (model is None) == (shape is None):
+        raise ValueError("give either --model or --shape")
+    if plot is not None:
+        _require_matplotlib()
+    if shape is not None:
+        if shape.upper().replace(".", "_") not in SHAPES and shape.lower() != "tiny":
+            raise ValueError(f"unknown --shape {shape!r}; choose one of {', '.join(SHAPES)}")
+        checkpoint = random_model(shape, "float16" if dtype == "auto" else dtype, quantize, seed)
+        ours, tokenizer, label = as_loaded(checkpoint, dtype), None, f"random weights, OpenELM-{shape} shapes"
+    else:
+        ours, tokenizer, checkpoint, label = _load_for_bench(model, dtype, quantize, options.get("compare_mlx_lm", False))
+    result = benchmark(ours, tokenizer, checkpoint=checkpoint, seed=seed, label=label, **options)
+    if plot is not None:
+        result["plot"] = str(plot_results(result, plot))
+    return result
+
+
+def _load_for_bench(path: str, dtype: str, quantize: Optional[int], need_checkpoint: bool):
+    from .loading import load
+
+    ours, tokenizer = load(path, dtype=dtype, keep_quantized=dtype != "auto")
+    folder = getattr(ours, "folder", path)
+    checkpoint = None
+    if need_checkpoint:
+        from mlx_lm.utils import load_model as mlx_lm_load_model
+
+        try:
+            checkpoint = mlx_lm_load_model(Path(folder))[0]
+        except Exception as e:  # mlx-lm's own error types vary; say which side failed
+            raise ValueError(f"mlx-lm could not load {folder} for --compare-mlx-lm: {str(e).splitlines()[0]}") from None
+    if quantize:
+        quantize_model(ours, quantize)
+        if checkpoint is not None:
+            quantize_model(checkpoint, quantize)
+    return ours, tokenizer, checkpoint, str(path)
+
+
+# ---------------------------------------------------------------- chart
+
+
+def _require_matplotlib() -> None:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise ImportError("--plot needs matplotlib: pip install 'mlx-openelm[plot]'") from None
+
+
+def plot_results(result: Dict[str, Any], path: Union[str, Path]) -> Path:
+    """Bar charts of a ``benchmark`` result (prompt and decode tok/s of every contender, and the
+    RMSNorm share of decode time when the ablation ran), written atomically as a PNG."""
+    _require_matplotlib()
+    from matplotlib.figure import Figure
+
+    bars = _contender_bars(result)
+    ablation = result.get("rmsnorm_ablation")
+    panels = [("prompt tok/s", "prompt_tps"), ("decode tok/s", "generation_tps")]
+    fig = Figure(figsize=(5.2 * (len(panels) + bool(ablation)), 4.6), layout="constrained")
+    axes = fig.subplots(1, len(panels) + bool(ablation), squeeze=False)[0]
+    colors = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd"]
+    for ax, (title, key) in zip(axes, panels):
+        labels = [b[0] for b in bars]
+        values = [b[1][key] for b in bars]
+        rects = ax.bar(range(len(bars)), values, color=colors[: len(bars)])
+        ax.bar_label(rects, fmt="%.1f", padding=2)
+        ax.set_xticks(range(len(bars)), labels, fontsize=8)
+        ax.set_title(title)
+        ax.margins(y=0.15)
+    if ablation:
+        ax = axes[-1]
+        shares = [100 * ablation["fused"]["norm_share"], 100 * ablation["naive"]["norm_share"]]
+        rects = ax.bar([0, 1], shares, color=["#1f77b4", "#d62728"])
+        ax.bar_label(rects, fmt="%.1f%%", padding=2)
+        ax.set_xticks([0, 1], ["fused\nmx.fast.rms_norm", "naive\ncomposed ops"])
+        ax.set_title("decode time in RMSNorm (%)")
+        ax.margins(y=0.15)
+    fig.suptitle(
+        f"{result['model']} | {result['device']} ({result['device_name']}) | ours {_label(result)} | "
+        f"{result['prompt_tokens']}-token prompt, {result['gen_tokens']} generated",
+        fontsize=10,
+    )
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            fig.savefig(f, format="png", dpi=110)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _label(summary: Dict[str, Any]) -> str:
+    q = summary.get("quantization")
+    return summary["dtype"] + (f", {q['bits']}-bit" if q else "")
+
+
+def _contender_bars(result: Dict[str, Any]) -> List[tuple]:
+    """(label, summary) for every distinct run in ``result``."""
+    bars = [(f"ours\n{_label(result)}", result)]
+    cmp = result.get("mlx_lm")
+    if cmp:
+        if not cmp["same_dtype_is_defaults"]:
+            bars.append((f"ours\n{_label(cmp['same_dtype']['ours'])}", cmp["same_dtype"]["ours"]))
+        bars.append((f"mlx-lm\n{_label(cmp['same_dtype']['mlx_lm'])}", cmp["same_dtype"]["mlx_lm"]))
+    ablation = result.get("rmsnorm_ablation")
+    if ablation:
+        bars.append((f"ours\n{_label(result)}\nnaive RMSNorm", ablation["naive"]))
+    return bars

@@ -1,0 +1,508 @@
+"""Convert OpenELM checkpoints into MLX model folders (see ``loading`` for the layout).
+
+Sources: an ``apple/OpenELM-*`` Hugging Face repo or folder (``model.safetensors``, sharded
+safetensors with an index, or ``pytorch_model.bin``), or a CoreNet ``.pt`` with its training
+YAML. Tensors are read, checked, cast and optionally quantized one at a time.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+import warnings
+from pathlib import Path
+from typing import Annotated, Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import mlx.core as mx
+import mlx.nn as nn
+import typer
+
+from .config import ModelArgs
+from .loading import (
+    DTYPE_NAMES,
+    DTYPES,
+    MARKER,
+    TOKENIZER_FILES,
+    Progress,
+    WeightItem,
+    arch_config,
+    atomic_folder,
+    check_destination,
+    has_tokenizer,
+    read_config,
+    tokenizer_sources,
+    weight_files,
+    write_tokenizer,
+    write_weights,
+)
+
+LLAMA_TOKENIZER_REPO = "meta-llama/Llama-2-7b-hf"
+HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer.model"]
+BIN_PATTERNS = ["pytorch_model*.bin"]
+QUANT_BITS = (2, 3, 4, 5, 6, 8)
+QUANT_GROUP_SIZES = (32, 64, 128)
+# Buffers some exporters save that are not parameters (RoPE frequencies, causal mask).
+NON_PARAMETERS = re.compile(r"(^|\.)(inv_freq|causal_mask)$")
+SAFETENSORS_DTYPES = {"F32": mx.float32, "F16": mx.float16, "BF16": mx.bfloat16, "F64": mx.float32}
+NO_TOKENIZER = (
+    "no tokenizer: the source ships none and the Llama-2 tokenizer OpenELM uses could not be fetched from "
+    f"the gated repo {LLAMA_TOKENIZER_REPO} ({{reason}}); accept the Llama-2 licence at "
+    f"https://huggingface.co/{LLAMA_TOKENIZER_REPO} and log in (`huggingface-cli login` or HF_TOKEN), "
+    "or pass --tokenizer PATH (a tokenizer.model or a folder with one), or use a ready conversion "
+    "that ships a tokenizer such as mlx-community/OpenELM-270M-Instruct"
+)
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+# ---------------------------------------------------------------- the Hugging Face Hub
+
+
+def is_repo_id(text: str) -> bool:
+    return re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", str(text)) is not None
+
+
+def _hub_error(repo: str, e: Exception, revision: Optional[str] = None) -> ValueError:
+    from huggingface_hub import errors
+
+    if isinstance(e, errors.GatedRepoError):
+        msg = f"{repo} is gated: accept its licence at https://huggingface.co/{repo} and log in (`huggingface-cli login` or HF_TOKEN)"
+    elif isinstance(e, errors.RepositoryNotFoundError):
+        msg = f"{repo} was not found on the Hugging Face Hub (if it is private, log in with `huggingface-cli login` or set HF_TOKEN)"
+    elif isinstance(e, errors.RevisionNotFoundError):
+        msg = f"{repo} has no revision {revision!r}"
+    elif isinstance(e, (errors.LocalEntryNotFoundError, errors.OfflineModeIsEnabled)):
+        msg = (
+            f"{repo} is not in the local Hugging Face cache and the Hub cannot be reached (offline or "
+            "HF_HUB_OFFLINE=1); connect once to download it, or give a local folder"
+        )
+    else:
+        msg = f"cannot download {repo} from the Hugging Face Hub: {_first_line(e)}"
+    return ValueError(msg)
+
+
+def download(repo: str, revision: Optional[str] = None, patterns: Sequence[str] = tuple(HUB_PATTERNS)) -> Path:
+    """Snapshot of the files of ``repo`` that conversion needs (HF cache; honours HF_HUB_OFFLINE,
+    HF_TOKEN); ``pytorch_model*.bin`` only when the repo has no safetensors."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        folder = Path(snapshot_download(repo, revision=revision, allow_patterns=list(patterns)))
+        if not any(folder.glob("*.safetensors")) and patterns == tuple(HUB_PATTERNS):
+            folder = Path(snapshot_download(repo, revision=revision, allow_patterns=HUB_PATTERNS + BIN_PATTERNS))
+    except Exception as e:  # the hub library raises many kinds; all become one line
+        raise _hub_error(repo, e, revision) from None
+    return folder
+
+
+def _local_or_download(text: str, revision: Optional[str]) -> Path:
+    path = Path(text).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            hint = "; a CoreNet .pt goes with --corenet and --corenet-config" if path.suffix == ".pt" else ""
+            raise ValueError(f"{path} is a file; --hf takes a model folder or a hub repo id{hint}")
+        return path
+    if is_repo_id(text):
+        return download(text, revision)
+    raise FileNotFoundError(f"{text}: no such folder, and not a Hugging Face repo id (owner/name)")
+
+
+# ---------------------------------------------------------------- checkpoint sources
+
+
+@dataclasses.dataclass
+class Source:
+    """A checkpoint's tensors by HF name: shapes and dtypes up front, data read one at a time."""
+
+    shapes: Dict[str, Tuple[int, ...]]
+    dtypes: Dict[str, Any]
+    read: Callable[[str], mx.array]
+    kind: str
+
+
+def _hf_name(name: str) -> str:
+    name = name.removeprefix("module.")
+    return name if name.startswith(("transformer.", "lm_head.")) else f"transformer.{name}"
+
+
+def safetensors_source(files: Sequence[Path]) -> Source:
+    from safetensors import SafetensorError, safe_open
+
+    shapes, dtypes, where = {}, {}, {}
+    for f in files:
+        try:
+            with safe_open(str(f), framework="numpy") as handle:
+                for key in handle.keys():
+                    s = handle.get_slice(key)
+                    name = _hf_name(key)
+                    if name in where:
+                        raise ValueError(f"tensor {key} appears in both {where[name][0].name} and {f.name}")
+                    shapes[name] = tuple(s.get_shape())
+                    dtypes[name] = SAFETENSORS_DTYPES.get(s.get_dtype(), s.get_dtype())
+                    where[name] = (f, key)
+        except (SafetensorError, OSError) as e:
+            raise ValueError(f"{f.name} is truncated or corrupt ({_first_line(e)}); download it again") from None
+    opened: Dict[Path, Dict[str, mx.array]] = {}
+
+    def read(name: str) -> mx.array:
+        f, key = where[name]
+        if f not in opened:
+            opened[f] = mx.load(str(f))  # lazy: a tensor's bytes are read when it is evaluated
+        return opened[f].pop(key)
+
+    return Source(shapes, dtypes, read, "safetensors")
+
+
+def _import_torch(what: Path):
+    try:
+        import torch
+    except ImportError:
+        raise ValueError(f"reading {what.name} needs PyTorch: pip install 'mlx-openelm[torch]'") from None
+    return torch
+
+
+def _unwrap_state_dict(obj):
+    """Training checkpoints nest the weights (``{"model_state_dict": {...}}``)."""
+    for key in ("model_state_dict", "state_dict", "model"):
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            return obj[key]
+    return obj
+
+
+def torch_source(files: Sequence[Path], kind: str) -> Source:
+    torch = _import_torch(files[0])
+    state = {}
+    for f in files:
+        try:
+            try:
+                loaded = torch.load(str(f), map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError:  # the legacy (non-zip) format cannot be memory-mapped
+                loaded = torch.load(str(f), map_location="cpu", weights_only=True)
+        except Exception as e:  # pickle, zip and torch errors alike
+            raise ValueError(f"cannot read {f.name} ({_first_line(e)}); is it a complete PyTorch state dict?") from None
+        loaded = _unwrap_state_dict(loaded)
+        if not isinstance(loaded, dict):
+            raise ValueError(f"{f.name} holds a {type(loaded).__name__}, not a state dict")
+        state.update({_hf_name(k): v for k, v in loaded.items() if isinstance(v, torch.Tensor)})
+    to_mx = {torch.float32: mx.float32, torch.float16: mx.float16, torch.bfloat16: mx.bfloat16}
+
+    def read(name: str) -> mx.array:
+        t = state.pop(name).detach()
+        if t.dtype == torch.bfloat16:  # numpy has no bfloat16
+            return mx.array(t.float().numpy()).astype(mx.bfloat16)
+        return mx.array(t.numpy())
+
+    return Source(
+        {k: tuple(v.shape) for k, v in state.items()},
+        {k: to_mx.get(v.dtype, v.dtype) for k, v in state.items()},
+        read,
+        kind,
+    )
+
+
+def open_hf(folder: Path) -> Tuple[ModelArgs, Source]:
+    """Architecture and tensors of an HF (or MLX float) OpenELM folder."""
+    config = read_config(folder)
+    if "quantization" in config:
+        raise ValueError(f"{folder} is already a quantized MLX model; load it directly instead of converting it")
+    try:
+        args = ModelArgs.from_dict(config)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{folder}/config.json: {_first_line(e)}") from None
+    files = weight_files(folder)
+    if files:
+        return args, safetensors_source(files)
+    index = folder / "pytorch_model.bin.index.json"
+    if index.is_file():
+        bins = [folder / n for n in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
+    else:
+        bins = sorted(folder.glob("pytorch_model*.bin"))
+    if not bins:
+        raise FileNotFoundError(f"no model weights (model.safetensors or pytorch_model.bin) in {folder}")
+    return args, torch_source(bins, "pytorch")
+
+
+def open_corenet(ckpt: Path, yaml_path: Path) -> Tuple[ModelArgs, Source, Dict[str, Any], str]:
+    """Architecture (from the YAML's ``model.language_modeling.general_gpt`` block: ``model_name``
+    picks a preset, explicit keys override it) and tensors of a CoreNet checkpoint."""
+    import yaml
+
+    for p in (ckpt, yaml_path):
+        if not p.is_file():
+            raise FileNotFoundError(f"{p}: no such file")
+    try:
+        block = yaml.safe_load(yaml_path.read_text())["model"]["language_modeling"]["general_gpt"]
+    except yaml.YAMLError as e:
+        raise ValueError(f"{yaml_path} is not valid YAML ({_first_line(e)})") from None
+    except (KeyError, TypeError):
+        raise ValueError(f"{yaml_path} has no model.language_modeling.general_gpt block; give the checkpoint's CoreNet training YAML") from None
+    block = dict(block)
+    padding_index = block.pop("padding_index", None)
+    model_name = block.pop("model_name", None)
+    fields = {f.name for f in dataclasses.fields(ModelArgs)}
+    try:
+        if model_name:
+            args = ModelArgs.from_name(model_name, **{k: v for k, v in block.items() if k in fields})
+        else:
+            args = ModelArgs.from_dict(block)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{yaml_path}: {_first_line(e)}") from None
+    extra = {"source_vocab_size": args.vocab_size, "padding_index": padding_index}
+    return args, torch_source([ckpt], "corenet"), extra, model_name or ckpt.stem
+
+
+# ---------------------------------------------------------------- tokenizer
+
+
+def resolve_tokenizer(explicit: Optional[str], source_dir: Optional[Path]) -> List[Path]:
+    """Tokenizer files for the output: ``explicit`` (path or hub repo), else the source's,
+    else ``tokenizer.model`` of the gated meta-llama/Llama-2-7b-hf."""
+    if explicit:
+        path = Path(explicit).expanduser()
+        if path.exists():
+            return tokenizer_sources(path)
+        if not is_repo_id(explicit):
+            raise FileNotFoundError(f"--tokenizer {explicit}: no such file or folder, and not a hub repo id")
+        return tokenizer_sources(download(explicit, None, TOKENIZER_FILES))
+    if source_dir is not None and has_tokenizer(source_dir):
+        return tokenizer_sources(source_dir)
+    from huggingface_hub import errors, snapshot_download
+
+    try:
+        folder = Path(snapshot_download(LLAMA_TOKENIZER_REPO, allow_patterns=["tokenizer.model"]))
+    except (errors.LocalEntryNotFoundError, errors.OfflineModeIsEnabled):
+        raise ValueError(NO_TOKENIZER.format(reason="offline and not in the Hugging Face cache")) from None
+    except errors.GatedRepoError:
+        raise ValueError(NO_TOKENIZER.format(reason="access denied: licence not accepted or not logged in")) from None
+    except Exception as e:
+        raise ValueError(NO_TOKENIZER.format(reason=_first_line(e))) from None
+    if not (folder / "tokenizer.model").is_file():
+        raise ValueError(NO_TOKENIZER.format(reason="the download has no tokenizer.model"))
+    return [folder / "tokenizer.model"]
+
+
+def _tokenizer_vocab(files: Sequence[Path]) -> int:
+    from .tokenizer import Tokenizer
+
+    model_files = [f for f in files if f.suffix == ".model"]
+    target = model_files[0] if model_files else files[0].parent
+    try:
+        return Tokenizer(target).vocab_size
+    except Exception as e:  # sentencepiece/tokenizers parse errors
+        raise ValueError(f"cannot read the tokenizer {target} ({_first_line(e)})") from None
+
+
+# ---------------------------------------------------------------- conversion
+
+
+def check_tensors(expected: Dict[str, Tuple[int, ...]], source: Source) -> None:
+    """One-line error for the first missing, unexpected or misshaped tensor."""
+    names = {k for k in source.shapes if not NON_PARAMETERS.search(k)}
+    missing = [k for k in expected if k not in names]
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise ValueError(f"checkpoint is missing tensor {missing[0]} of shape {list(expected[missing[0]])}{more}")
+    unexpected = sorted(names - set(expected))
+    if unexpected:
+        k = unexpected[0]
+        raise ValueError(f"unexpected tensor {k} of shape {list(source.shapes[k])} in checkpoint; it does not belong to this OpenELM config")
+    for k, shape in expected.items():
+        if source.shapes[k] != shape:
+            raise ValueError(f"tensor {k} has shape {list(source.shapes[k])} but the config implies {list(shape)}")
+        if source.dtypes[k] not in DTYPE_NAMES:
+            raise ValueError(f"tensor {k} has dtype {source.dtypes[k]}; expected float32, float16 or bfloat16 weights")
+
+
+def _weight_items(
+    source: Source,
+    expected: Dict[str, Tuple[int, ...]],
+    dtype,
+    quantized: set,
+    group_size: int,
+    bits: int,
+    vocab_size: int,
+) -> List[WeightItem]:
+    items = []
+    for name, shape in expected.items():
+        out_dtype = dtype or source.dtypes[name]
+        rows = vocab_size if name.endswith(("token_embeddings.weight", "lm_head.weight")) else shape[0]
+        numel = rows * (shape[1] if len(shape) > 1 else 1)
+        if name in quantized:
+            size = numel * bits // 8 + 2 * (numel // group_size) * out_dtype.size
+        else:
+            size = numel * out_dtype.size
+
+        def make(name=name, rows=rows, out_dtype=out_dtype):
+            w = source.read(name)
+            if w.shape[0] != rows:  # CoreNet pads the vocabulary (32128 rows); keep the real tokens
+                w = w[:rows]
+            w = w.astype(out_dtype)
+            if name not in quantized:
+                return {name: w}
+            base = name.removesuffix(".weight")
+            wq, scales, biases = mx.quantize(w, group_size, bits)
+            return {name: wq, f"{base}.scales": scales, f"{base}.biases": biases}
+
+        items.append((name, size, make))
+    return items
+
+
+def convert(
+    hf_path: Optional[str] = None,
+    mlx_path: Optional[Path] = None,
+    *,
+    dtype: Optional[str] = "float16",
+    quantize: bool = False,
+    q_bits: int = 4,
+    q_group_size: int = 64,
+    tokenizer: Optional[str] = None,
+    revision: Optional[str] = None,
+    corenet: Optional[Path] = None,
+    corenet_config: Optional[Path] = None,
+    force: bool = False,
+    progress: Optional[Progress] = None,
+    source_name: Optional[str] = None,
+) -> Path:
+    """Convert an OpenELM checkpoint into an MLX model folder and return its path.
+
+    ``hf_path``: a hub repo id or a local folder (HF or MLX float layout); or ``corenet`` (a
+    ``.pt``) with ``corenet_config`` (its training YAML). ``dtype=None`` keeps the stored dtype.
+    ``quantize`` quantizes the linear layers and the embedding (affine, ``q_bits``,
+    ``q_group_size``) where the input width is a multiple of the group size. ``progress`` is
+    called as ``progress(tensor_name, i, n)``. Nothing is left behind on failure.
+    """
+    from .model import Model
+
+    if dtype is not None and dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+    if quantize and q_bits not in QUANT_BITS:
+        raise ValueError(f"--q-bits {q_bits} is not supported; choose one of {', '.join(map(str, QUANT_BITS))}")
+    if quantize and q_group_size not in QUANT_GROUP_SIZES:
+        raise ValueError(f"--q-group-size {q_group_size} is not supported; choose one of {', '.join(map(str, QUANT_GROUP_SIZES))}")
+    if (hf_path is None) == (corenet is None):
+        raise ValueError("give either --hf REPO_OR_FOLDER or --corenet CKPT.pt with --corenet-config YAML")
+    if mlx_path is not None:
+        check_destination(Path(mlx_path), force)
+
+    extra: Dict[str, Any] = {}
+    if corenet is not None:
+        if corenet_config is None:
+            raise ValueError("--corenet needs --corenet-config, the training YAML with the general_gpt block")
+        args, source, extra, name = open_corenet(Path(corenet), Path(corenet_config))
+        source_dir = None
+    else:
+        source_dir = _local_or_download(str(hf_path), revision)
+        args, source = open_hf(source_dir)
+        name = source_name or str(hf_path)
+    name = name.rstrip("/")
+    short_name = Path(name).name or "model"
+
+    tok_files = resolve_tokenizer(tokenizer, source_dir)
+    tok_vocab = _tokenizer_vocab(tok_files)
+    if tok_vocab > args.vocab_size:
+        raise ValueError(f"the tokenizer has {tok_vocab} tokens but the model only {args.vocab_size}; is --tokenizer the right one?")
+    out_args = args
+    if source.kind == "corenet" and tok_vocab < args.vocab_size:
+        # rows from the padding index on are CoreNet's padding, never real tokens
+        out_args = dataclasses.replace(args, vocab_size=tok_vocab)
+
+    dest = Path(mlx_path) if mlx_path is not None else Path("mlx_model") / short_name
+    check_destination(dest, force)
+    out_dtype = DTYPES[dtype] if dtype else None
+    if args.model_dim >= 3072 and dtype == "float16":
+        warnings.warn(
+            "OpenELM-3B has activations beyond float16's range; convert with --dtype bfloat16 "
+            "(Apple's recommendation) to avoid inf/nan outputs",
+            UserWarning,
+            stacklevel=2,
+        )
+
+    model = Model(args)  # lazy: only shapes are used, no memory for weights
+    expected = {k: tuple(v.shape) for k, v in _named_parameters(model)}
+    check_tensors(expected, source)
+    quantized = set()
+    if quantize:
+        for path, m in model.named_modules():
+            if isinstance(m, (nn.Linear, nn.Embedding)) and m.weight.shape[-1] % q_group_size == 0:
+                quantized.add(f"{path}.weight")
+    del model
+    items = _weight_items(source, expected, out_dtype, quantized, q_group_size, q_bits, out_args.vocab_size)
+
+    stored = out_dtype or source.dtypes.get("transformer.token_embeddings.weight", mx.float32)
+    config = {**arch_config(out_args), "dtype": DTYPE_NAMES[stored]}
+    if quantize:
+        config["quantization"] = {"group_size": q_group_size, "bits": q_bits, "mode": "affine"}
+    from . import __version__
+
+    config[MARKER] = {"version": __version__, "source": name, "source_format": source.kind}
+    if revision:
+        config[MARKER]["revision"] = revision
+    config[MARKER].update({k: v for k, v in extra.items() if v is not None})
+
+    with atomic_folder(dest, force) as tmp:
+        write_weights(tmp, items, progress)
+        (tmp / "config.json").write_text(json.dumps(config, indent=2))
+        write_tokenizer(tmp, tok_files, "Instruct" in name, out_args.max_context_length)
+    return dest
+
+
+def _named_parameters(model: nn.Module):
+    from mlx.utils import tree_flatten
+
+    return tree_flatten(model.parameters())
+
+
+# ---------------------------------------------------------------- command line
+# Typer builds the options from this signature; the command is registered in cli.py.
+
+def convert_command(
+    hf: Annotated[Optional[str], typer.Option("--hf", help="Hugging Face repo id (apple/OpenELM-270M) or local folder.")] = None,
+    mlx_path: Annotated[Optional[Path], typer.Option("--mlx-path", help="Output folder (default: mlx_model/<name>).")] = None,
+    dtype: Annotated[str, typer.Option(help="float16, bfloat16 or float32 (use bfloat16 for 3B).")] = "float16",
+    quantize: Annotated[bool, typer.Option("-q", "--quantize", help="Quantize linear layers and the embedding.")] = False,
+    q_bits: Annotated[int, typer.Option("--q-bits", help="Bits per weight: 4 or 8 (2, 3, 5, 6 also work).")] = 4,
+    q_group_size: Annotated[int, typer.Option("--q-group-size", help="Quantization group size: 32, 64 or 128.")] = 64,
+    tokenizer: Annotated[Optional[str], typer.Option(help="tokenizer.model, a folder with one, or a hub repo (default: the source's, else meta-llama/Llama-2-7b-hf).")] = None,
+    revision: Annotated[Optional[str], typer.Option(help="Hub revision (branch, tag or commit).")] = None,
+    corenet: Annotated[Optional[Path], typer.Option(help="CoreNet checkpoint (.pt) instead of --hf.")] = None,
+    corenet_config: Annotated[Optional[Path], typer.Option("--corenet-config", help="The CoreNet training YAML of --corenet.")] = None,
+    force: Annotated[bool, typer.Option(help="Replace an existing output folder.")] = False,
+):
+    """Convert an OpenELM checkpoint (Hugging Face or CoreNet) into an MLX model folder."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    err = Console(stderr=True)
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with warnings.catch_warnings(), Progress(*columns, console=err, transient=True, disable=not err.is_terminal) as bar:
+        warnings.simplefilter("always", UserWarning)
+        warnings.showwarning = lambda message, *a, **k: bar.console.print(f"[yellow]warning:[/yellow] {message}")
+        task = bar.add_task("converting", total=None)
+        out = convert(
+            hf,
+            mlx_path,
+            dtype=dtype,
+            quantize=quantize,
+            q_bits=q_bits,
+            q_group_size=q_group_size,
+            tokenizer=tokenizer,
+            revision=revision,
+            corenet=corenet,
+            corenet_config=corenet_config,
+            force=force,
+            progress=lambda name, i, n: bar.update(task, completed=i, total=n, description=name),
+        )
+    Console().print(f"[green]Saved[/green] {out}", highlight=False)
+
+
+def main() -> None:
+    """Entry point of the top-level ``convert.py``: ``mlx-openelm convert`` with the same options."""
+    import sys
+
+    from .cli import main as cli_main
+
+    cli_main(["convert", *sys.argv[1:]])
