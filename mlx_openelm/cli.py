@@ -192,7 +192,6 @@ def bench(
 
     if plot is None and rmsnorm_ablation:
         plot = Path("rmsnorm_ablation.png")
-    Console(stderr=True, highlight=False).print("benchmarking (warm-up, then interleaved timed rounds)...")
     result = run_bench(
         model=model, shape=shape, dtype=dtype, quantize=quantize, seed=seed, plot=plot, prompt_tokens=prompt_tokens,
         gen_tokens=gen_tokens, repeats=repeats, compare_mlx_lm=compare_mlx_lm, rmsnorm_ablation=rmsnorm_ablation,
@@ -200,7 +199,7 @@ def bench(
     if json_out:
         sys.stdout.write(json.dumps(result, indent=2) + "\n")
     else:
-        _print_bench(result, Console(highlight=False))
+        _print_bench(result, Console(highlight=False, width=None if sys.stdout.isatty() else 120))
 
 
 def _print_bench(r: dict, console) -> None:
@@ -217,8 +216,8 @@ def _print_bench(r: dict, console) -> None:
     cmp, abl = r.get("mlx_lm"), r.get("rmsnorm_ablation")
     if cmp:
         if not cmp["same_dtype_is_defaults"]:
-            rows.append(("ours (as stored)", cmp["same_dtype"]["ours"]))
-        rows.append(("mlx-lm (its defaults)", cmp["same_dtype"]["mlx_lm"]))
+            rows.append(("ours, as stored", cmp["same_dtype"]["ours"]))
+        rows.append(("mlx-lm", cmp["same_dtype"]["mlx_lm"]))
     if abl:
         rows.append(("ours, naive RMSNorm", {**abl["naive"], "dtype": r["dtype"], "quantization": r["quantization"]}))
     for name, s in rows:

@@ -176,7 +176,8 @@ def test_encode_record_as_llm_adapters(tok):
     ids, mask = D.encode_record(tok, rec, cutoff_len=256, train_on_inputs=False)
     assert ids == full + [tok.eos_id]
     assert mask == [0] * len(user) + [1] * (len(ids) - len(user))
-    assert ids[: len(user)] == user  # the prompt is a token prefix here, so the mask is exact
+    # As LLM-Adapters, the mask covers len(tokens of the prompt alone); with Llama-style whitespace the
+    # prompt's trailing indentation may tokenize differently inside the full text, so no prefix claim.
 
     # truncated: exactly cutoff_len tokens and no EOS; also when equal to cutoff_len
     ids, mask = D.encode_record(tok, rec, cutoff_len=20)
