@@ -24,6 +24,8 @@ import mlx.core as mx
 import numpy as np
 from mlx_lm.models.cache import BatchKVCache
 
+from mlx_openelm.scoring import encode_pair, score_tokens
+
 from .data import EVAL_FIELDS, PAD_ID, generate_prompt, load_records
 
 TASKS = ("boolq", "piqa", "social_i_qa", "hellaswag", "winogrande", "ARC-Easy", "ARC-Challenge", "openbookqa")
@@ -130,45 +132,12 @@ def _continuation(cand: str) -> str:
     return f"the correct answer is {cand}"
 
 
-def encode_choice(tokenizer, instruction: str, cand: str) -> Tuple[List[int], int]:
-    """Token ids of context + continuation and the number of context tokens.
-
-    As lm-eval's ``_encode_pair`` (which CoreNet uses): the context's trailing whitespace
-    ("\\n" + 16 spaces after "### Response:") moves to the front of the continuation, the pair
-    is tokenised together with BOS, and the continuation is every token after the first
-    ``len(encode(context))`` ones, so a piece spanning the boundary counts as continuation."""
+def encode_choice(tokenizer, instruction: str, cand: str) -> Tuple[List[int], List[int]]:
+    """(context ids, continuation ids) of one candidate, split as lm-eval's ``_encode_pair`` (which
+    CoreNet uses): the context is the training template with an empty output; its trailing
+    whitespace ("\\n" + 16 spaces after "### Response:") moves to the continuation."""
     context = generate_prompt({"instruction": instruction, "input": "", "output": ""}, train=True)
-    stripped = context.rstrip()
-    whole = tokenizer.encode(stripped + context[len(stripped) :] + _continuation(cand), add_bos=True)
-    return whole, len(tokenizer.encode(stripped, add_bos=True))
-
-
-def sequence_logprobs(model, seqs: Sequence[Tuple[List[int], int]], batch_size: int = 8, tick=None) -> List[float]:
-    """Summed log-probabilities of tokens ``ids[n_ctx:]`` given the preceding ones, per ``(ids, n_ctx)``.
-
-    Batches are right-padded; under the causal mask the padded tail never reaches the
-    positions that are scored."""
-    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i][0]))
-    scores = [0.0] * len(seqs)
-    for s in range(0, len(order), batch_size):
-        idx = order[s : s + batch_size]
-        width = max(len(seqs[i][0]) for i in idx) - 1
-        inputs = np.full((len(idx), width), PAD_ID, np.int32)
-        targets = np.zeros((len(idx), width), np.int32)
-        weight = np.zeros((len(idx), width), np.float32)
-        for row, i in enumerate(idx):
-            ids, n_ctx = seqs[i]
-            inputs[row, : len(ids) - 1] = ids[:-1]
-            targets[row, : len(ids) - 1] = ids[1:]
-            weight[row, n_ctx - 1 : len(ids) - 1] = 1.0  # position p predicts token p + 1
-        logits = model(mx.array(inputs)).astype(mx.float32)
-        logp = mx.take_along_axis(logits, mx.array(targets)[..., None], axis=-1)[..., 0] - mx.logsumexp(logits, axis=-1)
-        sums = np.array((logp * mx.array(weight)).sum(axis=-1)).tolist()
-        for i, v in zip(idx, sums):
-            scores[i] = v
-        if tick:
-            tick(idx)
-    return scores
+    return encode_pair(tokenizer, context, _continuation(cand))
 
 
 def choice_scores(model, tokenizer, records: Sequence[Dict[str, str]], batch_size: int = 8, tick=None) -> List[List[float]]:
@@ -189,7 +158,7 @@ def choice_scores(model, tokenizer, records: Sequence[Dict[str, str]], batch_siz
         if tick and finished:
             tick(finished)
 
-    flat = sequence_logprobs(model, seqs, batch_size, count)
+    flat = [logp for logp, _ in score_tokens(model, seqs, batch_size, tick=count)]
     out, pos = [], 0
     for cs in cands:
         out.append(flat[pos : pos + len(cs)])

@@ -29,8 +29,9 @@ ModelOpt = typer.Option(..., "--model", "-m", help="MLX folder, apple/OpenELM-* 
 def err(message: str) -> None:
     """One red line on stderr."""
     from rich.console import Console
+    from rich.markup import escape
 
-    Console(stderr=True, highlight=False, soft_wrap=True).print(f"[bold red]error:[/] {message}", markup=True)
+    Console(stderr=True, highlight=False, soft_wrap=True).print(f"[bold red]error:[/] {escape(message)}", markup=True)
 
 
 def _load(model: str, dtype: str = "auto", adapter_path: Optional[Path] = None):

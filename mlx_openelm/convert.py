@@ -17,6 +17,7 @@ from typing import Annotated, Any, Callable, Dict, List, Optional, Sequence, Tup
 import mlx.core as mx
 import mlx.nn as nn
 import typer
+from mlx.utils import tree_flatten
 
 from .config import ModelArgs
 from .loading import (
@@ -44,7 +45,7 @@ QUANT_BITS = (2, 3, 4, 5, 6, 8)
 QUANT_GROUP_SIZES = (32, 64, 128)
 # Buffers some exporters save that are not parameters (RoPE frequencies, causal mask).
 NON_PARAMETERS = re.compile(r"(^|\.)(inv_freq|causal_mask)$")
-SAFETENSORS_DTYPES = {"F32": mx.float32, "F16": mx.float16, "BF16": mx.bfloat16, "F64": mx.float32}
+SAFETENSORS_DTYPES = {"F32": mx.float32, "F16": mx.float16, "BF16": mx.bfloat16}
 NO_TOKENIZER = (
     "no tokenizer: the source ships none and the Llama-2 tokenizer OpenELM uses could not be fetched from "
     f"the gated repo {LLAMA_TOKENIZER_REPO} ({{reason}}); accept the Llama-2 licence at "
@@ -375,8 +376,6 @@ def convert(
     ``q_group_size``) where the input width is a multiple of the group size. ``progress`` is
     called as ``progress(tensor_name, i, n)``. Nothing is left behind on failure.
     """
-    from .model import Model
-
     if dtype is not None and dtype not in DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
     if quantize and q_bits not in QUANT_BITS:
@@ -400,16 +399,6 @@ def convert(
         name = source_name or str(hf_path)
     name = name.rstrip("/")
     short_name = Path(name).name or "model"
-
-    tok_files = resolve_tokenizer(tokenizer, source_dir)
-    tok_vocab = _tokenizer_vocab(tok_files)
-    if tok_vocab > args.vocab_size:
-        raise ValueError(f"the tokenizer has {tok_vocab} tokens but the model only {args.vocab_size}; is --tokenizer the right one?")
-    out_args = args
-    if source.kind == "corenet" and tok_vocab < args.vocab_size:
-        # rows from the padding index on are CoreNet's padding, never real tokens
-        out_args = dataclasses.replace(args, vocab_size=tok_vocab)
-
     dest = Path(mlx_path) if mlx_path is not None else Path("mlx_model") / short_name
     check_destination(dest, force)
     out_dtype = DTYPES[dtype] if dtype else None
@@ -421,8 +410,10 @@ def convert(
             stacklevel=2,
         )
 
+    from .model import Model  # here: it imports mlx-lm, slow to load, not needed for early errors
+
     model = Model(args)  # lazy: only shapes are used, no memory for weights
-    expected = {k: tuple(v.shape) for k, v in _named_parameters(model)}
+    expected = {k: tuple(v.shape) for k, v in tree_flatten(model.parameters())}
     check_tensors(expected, source)
     quantized = set()
     if quantize:
@@ -430,6 +421,15 @@ def convert(
             if isinstance(m, (nn.Linear, nn.Embedding)) and m.weight.shape[-1] % q_group_size == 0:
                 quantized.add(f"{path}.weight")
     del model
+
+    tok_files = resolve_tokenizer(tokenizer, source_dir)
+    tok_vocab = _tokenizer_vocab(tok_files)
+    if tok_vocab > args.vocab_size:
+        raise ValueError(f"the tokenizer has {tok_vocab} tokens but the model only {args.vocab_size}; is --tokenizer the right one?")
+    out_args = args
+    if source.kind == "corenet" and tok_vocab < args.vocab_size:
+        # rows from the padding index on are CoreNet's padding, never real tokens
+        out_args = dataclasses.replace(args, vocab_size=tok_vocab)
     items = _weight_items(source, expected, out_dtype, quantized, q_group_size, q_bits, out_args.vocab_size)
 
     stored = out_dtype or source.dtypes.get("transformer.token_embeddings.weight", mx.float32)
@@ -446,14 +446,8 @@ def convert(
     with atomic_folder(dest, force) as tmp:
         write_weights(tmp, items, progress)
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
-        write_tokenizer(tmp, tok_files, "Instruct" in name, out_args.max_context_length)
+        write_tokenizer(tmp, tok_files, "Instruct" in short_name, out_args.max_context_length)
     return dest
-
-
-def _named_parameters(model: nn.Module):
-    from mlx.utils import tree_flatten
-
-    return tree_flatten(model.parameters())
 
 
 # ---------------------------------------------------------------- command line
@@ -474,13 +468,14 @@ def convert_command(
 ):
     """Convert an OpenELM checkpoint (Hugging Face or CoreNet) into an MLX model folder."""
     from rich.console import Console
+    from rich.markup import escape
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    err = Console(stderr=True)
+    err = Console(stderr=True, soft_wrap=True, highlight=False)
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with warnings.catch_warnings(), Progress(*columns, console=err, transient=True, disable=not err.is_terminal) as bar:
         warnings.simplefilter("always", UserWarning)
-        warnings.showwarning = lambda message, *a, **k: bar.console.print(f"[yellow]warning:[/yellow] {message}")
+        warnings.showwarning = lambda message, *a, **k: bar.console.print(f"[yellow]warning:[/yellow] {escape(str(message))}")
         task = bar.add_task("converting", total=None)
         out = convert(
             hf,
@@ -496,7 +491,7 @@ def convert_command(
             force=force,
             progress=lambda name, i, n: bar.update(task, completed=i, total=n, description=name),
         )
-    Console().print(f"[green]Saved[/green] {out}", highlight=False)
+    Console(soft_wrap=True, highlight=False).print(f"[green]Saved[/green] {escape(str(out))}")
 
 
 def main() -> None:

@@ -20,12 +20,12 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import mlx.core as mx
 import mlx.nn as nn
-import numpy as np
 from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
 from .generation import stream_generate
+from .scoring import context_length, encode_pair, score_tokens, tok_encode
 from .tokenizer import Tokenizer
 
 Progress = Callable[[str, int, int], None]  # (request type, done, total)
@@ -33,84 +33,6 @@ Progress = Callable[[str, int, int], None]  # (request type, done, total)
 DEFAULT_MAX_GEN_TOKS = 256
 # Generation options that change nothing when left at these values (HF generate's names).
 _NEUTRAL_GEN_KWARGS = {"num_beams": 1, "num_return_sequences": 1, "use_cache": True, "early_stopping": False}
-
-
-def context_length(model: nn.Module) -> int:
-    return getattr(getattr(model, "args", None), "max_context_length", 2048)
-
-
-def tok_encode(tokenizer: Tokenizer, text: str) -> List[int]:
-    """Ids of ``text`` with BOS in front, unless the text already starts with the BOS string."""
-    bos_text = tokenizer.convert_ids_to_tokens([tokenizer.bos_id])[0]
-    return tokenizer.encode(text, add_bos=not text.startswith(bos_text))
-
-
-def encode_pair(tokenizer: Tokenizer, context: str, continuation: str) -> Tuple[List[int], List[int]]:
-    """(context ids, continuation ids) of a loglikelihood request, split as lm-eval's HFLM does."""
-    if not context:
-        cont = tokenizer.encode(continuation, add_bos=False)
-        if cont and cont[0] == tokenizer.bos_id:
-            return cont[:1], cont[1:]
-        return [tokenizer.bos_id], cont
-    n_spaces = len(context) - len(context.rstrip())
-    if n_spaces:
-        context, continuation = context[:-n_spaces], context[-n_spaces:] + continuation
-    whole = tok_encode(tokenizer, context + continuation)
-    ctx = tok_encode(tokenizer, context)
-    return ctx, whole[len(ctx):]
-
-
-def score_tokens(
-    model: nn.Module,
-    pairs: Sequence[Tuple[Sequence[int], Sequence[int]]],
-    batch_size: int = 8,
-    max_length: Optional[int] = None,
-    tick: Optional[Callable[[int], None]] = None,
-) -> List[Tuple[float, bool]]:
-    """``(sum of log p(continuation | context), continuation is the greedy one)`` per pair of
-    (context ids, continuation ids).
-
-    Longest first, in right-padded batches, one forward pass each: under the causal mask the
-    padding after a row never reaches its scored positions. A row longer than ``max_length + 1``
-    tokens loses tokens on the left. ``tick(n)`` reports rows done."""
-    max_length = max_length or context_length(model)
-    inputs, conts = [], []
-    for ctx, cont in pairs:
-        cont = [int(t) for t in cont]
-        if not ctx or not cont:
-            raise ValueError("a loglikelihood request needs at least one context and one continuation token")
-        if len(cont) > max_length:
-            raise ValueError(f"a continuation of {len(cont)} tokens does not fit the {max_length}-token context")
-        seq = ([int(t) for t in ctx] + cont)[-(max_length + 1):]
-        inputs.append(seq[:-1])  # position p predicts seq[p + 1]
-        conts.append(cont)
-    order = sorted(range(len(pairs)), key=lambda i: -len(inputs[i]))
-    results: List[Tuple[float, bool]] = [(0.0, False)] * len(pairs)
-    for s in range(0, len(order), batch_size):
-        idx = order[s:s + batch_size]
-        width = len(inputs[idx[0]])
-        lo = min(len(inputs[i]) - len(conts[i]) for i in idx)  # first scored position in the batch
-        tokens = np.zeros((len(idx), width), np.int32)
-        targets = np.zeros((len(idx), width - lo), np.int32)
-        scored = np.zeros((len(idx), width - lo), bool)
-        for r, i in enumerate(idx):
-            n, c = len(inputs[i]), conts[i]
-            tokens[r, :n] = inputs[i]
-            targets[r, n - len(c) - lo:n - lo] = c
-            scored[r, n - len(c) - lo:n - lo] = True
-        logits = model(mx.array(tokens))[:, lo:].astype(mx.float32)
-        tgt = mx.array(targets)
-        logp = mx.take_along_axis(logits, tgt[..., None], axis=-1)[..., 0] - mx.logsumexp(logits, axis=-1)
-        hit = mx.argmax(logits, axis=-1) == tgt
-        mask = mx.array(scored)
-        sums = mx.where(mask, logp, 0.0).sum(axis=-1)
-        greedy = mx.all(mx.logical_or(hit, mx.logical_not(mask)), axis=-1)
-        mx.eval(sums, greedy)
-        for r, i in enumerate(idx):
-            results[i] = (float(sums[r].item()), bool(greedy[r].item()))
-        if tick:
-            tick(len(idx))
-    return results
 
 
 def sampling_options(gen_kwargs: Dict[str, Any]) -> Dict[str, Any]:
@@ -174,15 +96,15 @@ class OpenELMLM(LM):
         self.seed = seed
         self.progress = progress
 
-    def _ticker(self, kind: str, total: int) -> Callable[[int], None]:
+    def _ticker(self, kind: str, total: int) -> Callable[[List[int]], None]:
         done = [0]
 
-        def tick(n: int) -> None:
-            done[0] += n
+        def tick(indices) -> None:
+            done[0] += len(indices)
             if self.progress:
                 self.progress(kind, done[0], total)
 
-        tick(0)
+        tick([])
         return tick
 
     def loglikelihood(self, requests, disable_tqdm: bool = False) -> List[Tuple[float, bool]]:
@@ -216,7 +138,7 @@ class OpenELMLM(LM):
             text = self.generate(context, gen_kwargs)
             self.cache_hook.add_partial("generate_until", req.args, text)
             out.append(text)
-            tick(1)
+            tick([req])
         return out
 
     def generate(self, context: str, gen_kwargs: Optional[Dict[str, Any]] = None) -> str:
@@ -261,7 +183,7 @@ def _clean(metrics: Dict[str, Any]) -> Dict[str, Any]:
     """``{"acc,none": .., "alias": ..}`` -> ``{"acc": ..}`` (the default filter's suffix dropped)."""
     out = {}
     for key, value in metrics.items():
-        if key == "alias" or not isinstance(value, (int, float)):
+        if key in ("alias", "sample_len") or not isinstance(value, (int, float)):
             continue
         name, _, filt = key.partition(",")
         out[name if filt in ("", "none") else key] = float(value)

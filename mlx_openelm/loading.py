@@ -87,9 +87,9 @@ def is_ready(folder: Path) -> bool:
     folder = Path(folder)
     try:
         read_config(folder)
+        return has_tokenizer(folder) and bool(weight_files(folder))
     except (OSError, ValueError):
         return False
-    return has_tokenizer(folder) and bool(weight_files(folder))
 
 
 # ---------------------------------------------------------------- writing folders
@@ -149,7 +149,11 @@ def plan_shards(sizes: Sequence[int], max_bytes: int = MAX_SHARD_BYTES) -> List[
 
 
 def write_weights(
-    folder: Path, items: Sequence[WeightItem], progress: Optional[Progress] = None, max_shard_bytes: Optional[int] = None
+    folder: Path,
+    items: Sequence[WeightItem],
+    progress: Optional[Progress] = None,
+    max_shard_bytes: Optional[int] = None,
+    file_format: str = "mlx",
 ) -> List[str]:
     """Make and write the tensors one item at a time, at most one shard held in memory.
 
@@ -177,7 +181,7 @@ def write_weights(
         for k, v in tensors.items():
             weight_map[k] = name
             total_size += v.nbytes
-        mx.save_safetensors(str(folder / name), tensors, metadata={"format": "mlx"})
+        mx.save_safetensors(str(folder / name), tensors, metadata={"format": file_format})
         files.append(name)
         del tensors
     if n > 1:
@@ -244,6 +248,8 @@ def tokenizer_sources(src: Union[str, Path]) -> List[Path]:
     """The tokenizer files to copy from a folder or a ``tokenizer.model`` file."""
     src = Path(src)
     if src.is_file():
+        if src.suffix != ".model" and src.name != "tokenizer.json":
+            raise ValueError(f"{src} is not a tokenizer: give a SentencePiece tokenizer.model, a tokenizer.json or a folder")
         return [src]
     files = [src / n for n in TOKENIZER_FILES if (src / n).is_file()]
     if not any(f.name in ("tokenizer.model", "tokenizer.json") for f in files):
@@ -298,13 +304,10 @@ def hf_config(args: ModelArgs, dtype: str) -> Dict[str, Any]:
 
 def export_hf(folder: Path, model: nn.Module, args: ModelArgs, *, tokenizer_src=None, force: bool = False) -> Path:
     """Write the apple/OpenELM (Hugging Face) layout: float weights with ``transformer.*`` names and
-    an HF config.json; quantized layers are dequantized."""
-    model = dequantize(model)
+    an HF config.json; quantized layers are written dequantized (``model`` itself is unchanged)."""
     dtype = float_dtype_of(model)
     with atomic_folder(folder, force) as tmp:
-        write_weights(tmp, _model_items(model))
-        for f in tmp.glob("*.safetensors"):  # transformers wants format "pt"
-            mx.save_safetensors(str(f), mx.load(str(f)), metadata={"format": "pt"})
+        write_weights(tmp, _float_items(model), file_format="pt")  # the format transformers expects
         (tmp / "config.json").write_text(json.dumps(hf_config(args, dtype), indent=2))
         if tokenizer_src is not None:
             for src in tokenizer_sources(tokenizer_src):
@@ -315,16 +318,35 @@ def export_hf(folder: Path, model: nn.Module, args: ModelArgs, *, tokenizer_src=
 # ---------------------------------------------------------------- loading
 
 
+def _dequantized_weight(m: nn.Module, dtype=None) -> mx.array:
+    # in the target dtype: float32 represents every quantized value scale*q+bias exactly
+    dt = dtype or m.scales.dtype
+    biases = None if m.get("biases") is None else m.biases.astype(dt)
+    return mx.dequantize(m.weight, m.scales.astype(dt), biases, m.group_size, m.bits, mode=m.mode)
+
+
+def _float_items(model: nn.Module) -> List[WeightItem]:
+    """The model's tensors with quantized layers dequantized one at a time (the model is unchanged)."""
+    quantized = {p: m for p, m in model.named_modules() if isinstance(m, QUANTIZED)}
+    items: List[WeightItem] = []
+    for name, value in tree_flatten(model.parameters()):
+        path, _, leaf = name.rpartition(".")
+        m = quantized.get(path)
+        if m is None:
+            items.append((name, value.nbytes, lambda name=name, value=value: {name: value}))
+        elif leaf == "weight":
+            size = value.size * 32 // m.bits * m.scales.dtype.size
+            items.append((name, size, lambda name=name, m=m: {name: _dequantized_weight(m)}))
+    return items
+
+
 def dequantize(model: nn.Module, dtype=None) -> nn.Module:
     """Replace quantized layers by float ones (in the scales' dtype unless ``dtype``), in place."""
     new = []
     for path, m in model.named_modules():
         if not isinstance(m, QUANTIZED):
             continue
-        # in the target dtype: float32 represents every quantized value scale*q+bias exactly
-        dt = dtype or m.scales.dtype
-        biases = None if m.biases is None else m.biases.astype(dt)
-        w = mx.dequantize(m.weight, m.scales.astype(dt), biases, m.group_size, m.bits, mode=m.mode)
+        w = _dequantized_weight(m, dtype)
         mx.eval(w)
         if isinstance(m, nn.QuantizedLinear):
             layer = nn.Linear(w.shape[1], w.shape[0], bias="bias" in m)
@@ -378,19 +400,23 @@ def load_model(folder: Path, dtype: str = "auto", keep_quantized: bool = False):
             weights.update(mx.load(str(f)))
         except (RuntimeError, ValueError) as e:
             raise ValueError(f"{f} is truncated or corrupt ({_first_line(e)}); convert or download it again") from None
-    if weights and not any(k.startswith("transformer.") for k in weights):
-        weights = {k if k.startswith("lm_head.") else f"transformer.{k}": v for k, v in weights.items()}
 
     model = Model(args)
     quant = config.get("quantization")
     if quant or any(k.endswith(".scales") for k in weights):
         quant = quant or {}
+
+        def stored_quantized(path, module):  # as written, with mlx-lm's per-layer overrides
+            if f"{path}.scales" not in weights:
+                return False
+            return quant[path] if isinstance(quant.get(path), dict) else True
+
         nn.quantize(
             model,
             group_size=quant.get("group_size", 64),
             bits=quant.get("bits", 4),
             mode=quant.get("mode", "affine"),
-            class_predicate=lambda p, m: f"{p}.scales" in weights,
+            class_predicate=stored_quantized,
         )
     try:
         model.load_weights(list(weights.items()), strict=True)
@@ -450,7 +476,6 @@ def resolve_model_path(path_or_repo: Union[str, Path], revision: Optional[str] =
             raise ValueError(f"{local} is a file; give a model folder or a hub id")
         if is_ready(local):
             return local
-        read_config(local)  # one clear error before trying to convert
         target = cache_dir() / _local_cache_name(local)
     elif is_repo_id(text):
         local = download(text, revision)
@@ -460,6 +485,8 @@ def resolve_model_path(path_or_repo: Union[str, Path], revision: Optional[str] =
         target = cache_dir() / f"{text.replace('/', '--')}--{commit[:12]}"
     else:
         raise FileNotFoundError(f"{text}: no such folder, and not a Hugging Face repo id (owner/name)")
+    if "quantization" in read_config(local) and not has_tokenizer(local):  # nothing to convert, just incomplete
+        raise FileNotFoundError(f"{local} has no tokenizer.model or tokenizer.json; copy the model's tokenizer into it")
     if is_ready(target):
         return target
     return convert(str(local), target, dtype=None, tokenizer=tokenizer, force=True, source_name=text)

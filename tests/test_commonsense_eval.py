@@ -88,7 +88,8 @@ def test_tokenizer_boundary_of_the_continuation(tok):
     """The context's trailing whitespace belongs to the continuation (lm-eval's rule): encoding
     the whole context would split its last space from "the" ("▁t" is one piece here)."""
     context = TRAIN_NO_INPUT.replace("INS", "q?\n\nAnswer format: true/false").replace("OUT", "")
-    whole, n_ctx = E.encode_choice(tok, "q?\n\nAnswer format: true/false", "true")
+    ctx, cont = E.encode_choice(tok, "q?\n\nAnswer format: true/false", "true")
+    whole, n_ctx = ctx + cont, len(ctx)
     assert whole == tok.encode(context + "the correct answer is true", add_bos=True)
     assert whole[:n_ctx] == tok.encode(context.rstrip(), add_bos=True)
     assert tok.decode(whole[n_ctx:]) == "\n                the correct answer is true"

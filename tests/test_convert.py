@@ -231,7 +231,7 @@ def test_mlx_lm_loads_our_folder_with_the_same_logits(hf_checkpoint, sp_model_pa
     assert tokenizer.encode(text) == Tokenizer(out).encode(text)
 
 
-def test_float16_3b_warns_to_use_bfloat16(tmp_path, sp_model_path):
+def test_float16_3b_warns_to_use_bfloat16(tmp_path, sp_model_path, capsys):
     src = tmp_path / "OpenELM-3B-like"
     src.mkdir()
     args = tiny_args(num_transformer_layers=1, model_dim=3072, head_dim=128, ffn_dim_divisor=256)
@@ -240,6 +240,10 @@ def test_float16_3b_warns_to_use_bfloat16(tmp_path, sp_model_path):
     with pytest.warns(UserWarning, match="bfloat16"), pytest.raises(ValueError, match="missing tensor"):
         convert(str(src), tmp_path / "out", tokenizer=str(sp_model_path))
     assert not (tmp_path / "out").exists()
+    code, err = _cli(["--hf", src, "--mlx-path", tmp_path / "out", "--tokenizer", sp_model_path], capsys)
+    lines = err.strip().splitlines()
+    assert code == 1 and len(lines) == 2
+    assert lines[0].startswith("warning:") and "--dtype bfloat16" in lines[0] and lines[1].startswith("error:")
 
 
 # ---------------------------------------------------------------- errors: one line, nothing left

@@ -98,7 +98,9 @@ def test_encode_pair_is_lm_evals_split(model_tok):
 def test_loglikelihood_matches_direct_batched_and_one_by_one(model_tok):
     model, tok = model_tok
     requests = [req("loglikelihood", c, x) for c, x in PAIRS]
-    batched = OpenELMLM(model=model, tokenizer=tok, batch_size=4).loglikelihood(requests)
+    seen = []
+    batched = OpenELMLM(model=model, tokenizer=tok, batch_size=4, progress=lambda *a: seen.append(a)).loglikelihood(requests)
+    assert seen == [("loglikelihood", 0, 6), ("loglikelihood", 4, 6), ("loglikelihood", 6, 6)]
     single = OpenELMLM(model=model, tokenizer=tok, batch_size=1).loglikelihood(requests)
     for (c, x), b, s in zip(PAIRS, batched, single):
         want, greedy = direct(model, *encode_pair(tok, c, x))
@@ -205,12 +207,14 @@ doc_to_text: "{{{{question}}}}"
 doc_to_choice: "{{{{choices}}}}"
 doc_to_target: "{{{{label}}}}"
 metric_list:
-  - metric: acc
-  - metric: acc_norm
+  - {{metric: acc, aggregation: mean, higher_is_better: true}}
+  - {{metric: acc_norm, aggregation: mean, higher_is_better: true}}
 """
 
+# With the seed-5 tiny model and the fixture tokenizer these labels win only per character, so
+# acc (0.0) and acc_norm (1.0) differ and a swap of the two would show.
 DOCS = [
-    {"question": "The cat sat on the", "choices": ["mat", "blue river"], "label": 0},
+    {"question": "The cat sat on the", "choices": ["mat", "question answer true false"], "label": 1},
     {"question": "Please choose the correct answer: red or", "choices": ["dark", "green"], "label": 1},
 ]
 
@@ -218,6 +222,7 @@ DOCS = [
 def test_eval_command_runs_a_local_lm_eval_task(tmp_path, sp_model_path, monkeypatch, capsys):
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("TQDM_DISABLE", "1")  # what the command sets, undone after the test
     folder = tmp_path / "OpenELM-tiny"
     model = write_hf_checkpoint(folder, tiny_args(), seed=5, tokenizer=sp_model_path)
     try:
@@ -250,6 +255,7 @@ def test_eval_command_runs_a_local_lm_eval_task(tmp_path, sp_model_path, monkeyp
     res = report["results"]["mytask"]
     assert res["acc"] == pytest.approx(np.mean(hits["acc"]))
     assert res["acc_norm"] == pytest.approx(np.mean(hits["acc_norm"]))
+    assert res["acc"] != res["acc_norm"], "pick DOCS labels on which the two metrics differ"
     assert report["n_samples"]["mytask"] == 2 and report["suite"] == "lm-eval"
     assert report["comparison"]["paper_model"] is None
 
@@ -265,3 +271,18 @@ def test_eval_rejects_options_of_the_other_suite(args, message, capsys):
         main(["eval", "--model", "/no/such/model", *args])
     assert e.value.code == 1
     assert message in capsys.readouterr().err
+
+
+def test_registered_and_missing_lm_eval_message(monkeypatch, capsys):
+    import importlib.util
+
+    from lm_eval.api.registry import get_model
+
+    from mlx_openelm.cli import main
+
+    assert get_model("mlx-openelm") is OpenELMLM
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "lm_eval" else real(name, *a))
+    with pytest.raises(SystemExit):
+        main(["eval", "--model", "/no/such/model"])
+    assert "pip install 'mlx-openelm[eval]'" in capsys.readouterr().err

@@ -7,7 +7,6 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
@@ -19,7 +18,6 @@ from mlx.utils import tree_flatten, tree_map
 from conftest import hf_config, tiny_args, write_hf_checkpoint
 from mlx_openelm.convert import convert
 from mlx_openelm.loading import export_hf, load, load_model, resolve_model_path, save_model
-from mlx_openelm.model import Model, init_weights
 from mlx_openelm.tokenizer import CHAT_TEMPLATE, Tokenizer
 
 TOKENS = mx.array([[1, 5, 9, 33, 100, 7, 250, 383, 2, 64]])
@@ -68,10 +66,18 @@ def test_explicit_dtype_is_forced(converted, dtype):
     assert logits(m).shape == (1, TOKENS.shape[1], 384)
 
 
-def test_unknown_dtype_and_mismatched_weights_are_one_line_errors(converted, tmp_path):
+def test_bad_folders_are_one_line_errors(converted, tmp_path, sp_model_path):
     folder, _ = converted
     with pytest.raises(ValueError, match="unknown dtype 'float8'"):
         load_model(folder, dtype="float8")
+    quantized = convert(str(folder), tmp_path / "q", quantize=True, tokenizer=str(sp_model_path))
+    (quantized / "tokenizer.model").unlink()
+    with pytest.raises(FileNotFoundError, match="has no tokenizer.model or tokenizer.json"):
+        resolve_model_path(quantized)
+    data = (quantized / "model.safetensors").read_bytes()
+    (quantized / "model.safetensors").write_bytes(data[:-100])
+    with pytest.raises(ValueError, match="truncated or corrupt"):
+        load_model(quantized)
     config = json.loads((folder / "config.json").read_text())
     config["model_dim"] = 64
     (folder / "config.json").write_text(json.dumps(config))
@@ -157,7 +163,11 @@ def test_export_hf_round_trip(converted, tmp_path, sp_model_path):
     export_hf(tmp_path / "hf-q", m, args)  # quantized layers come out dequantized
     weights = mx.load(str(tmp_path / "hf-q" / "model.safetensors"))
     assert not any(k.endswith(".scales") for k in weights)
-    assert weights["transformer.layers.0.attn.qkv_proj.weight"].shape == (192, 128)
+    assert weights["transformer.layers.0.attn.qkv_proj.weight"].shape == (96, 128)  # (4 + 2 * 1) heads * 16
+    assert isinstance(m.transformer.layers[0].attn.qkv_proj, nn.QuantizedLinear)  # the model is untouched
+    deq = mx.dequantize(m.transformer.layers[0].attn.qkv_proj.weight, m.transformer.layers[0].attn.qkv_proj.scales,
+                        m.transformer.layers[0].attn.qkv_proj.biases, 32, 4)
+    assert max_diff(weights["transformer.layers.0.attn.qkv_proj.weight"], deq) < 1e-6
 
 
 HUB_SCRIPT = """
