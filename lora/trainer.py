@@ -212,16 +212,16 @@ def _checkpointed_class(cls: type) -> type:
         def __call__(self, x, mask=None, cache=None):
             if not self.training:
                 return call(self, x, mask, cache)
-            # MLX recomputes the block in the backward pass; the dropout key is an explicit input so
-            # both passes use the same masks (drawing from the global PRNG twice would not).
+            # MLX recomputes the block in the backward pass by calling `inner` again; the dropout key
+            # is drawn once, outside, so both passes use the same masks (the global PRNG would not).
             key = mx.random.randint(0, 2**31 - 1, (2,)).astype(mx.uint32)
 
-            def inner(params, key, x):
+            def inner(params, x):
                 self.update(params)
                 self._dropout_keys.key = key
                 return call(self, x, mask, cache)
 
-            return mx.checkpoint(inner)(self.trainable_parameters(), key, x)
+            return mx.checkpoint(inner)(self.trainable_parameters(), x)
 
         _CHECKPOINTED[cls] = type(cls.__name__, (cls,), {"__call__": __call__})
     return _CHECKPOINTED[cls]

@@ -88,7 +88,7 @@ def generate(
     draft = _load(draft_model, dtype)[0] if draft_model else None
     if chat_template:
         prompt = tok.apply_chat_template([{"role": "user", "content": prompt}])
-    out = Console(stderr=True)
+    out = Console(stderr=True, highlight=False, soft_wrap=True)
     last, drafted = None, 0
     for r in stream_generate(
         m, tok, prompt, draft_model=draft, num_draft_tokens=num_draft_tokens, prompt_lookup=prompt_lookup,
@@ -131,7 +131,7 @@ def chat(
     m, tok = _load(model, dtype, adapter_path)
     session = ChatSession(m, tok, system=system)
     interactive = sys.stdin.isatty()
-    info = Console(stderr=True, highlight=False)
+    info = Console(stderr=True, highlight=False, soft_wrap=True)
     if interactive:
         info.print(f"[bold]{model}[/] — /reset clears the history, /exit quits, Ctrl-C stops an answer.")
     opts = _sampling_options(temp, top_p, top_k, min_p, repetition_penalty, seed, max_tokens)
@@ -342,6 +342,25 @@ def lora(
         progress.close()
     console.print(f"adapters: {adapter_path}/adapters.safetensors ({result['steps']} steps, loss {result['loss']:.4f}"
                   + (f", val loss {result['val_loss']:.4f})" if val_set else ")"))
+
+
+@app.command()
+def fuse(
+    model: str = ModelOpt,
+    adapter_path: Path = typer.Option(..., "--adapter-path", help="LoRA/DoRA adapters folder (adapters.safetensors, adapter_config.json)."),
+    save_path: Path = typer.Option(..., "--save-path", help="Output folder for the fused model."),
+    dequantize: bool = typer.Option(False, "--dequantize", help="Write float weights instead of re-quantizing a quantized base."),
+    export_hf: bool = typer.Option(False, "--export-hf", help="Write the apple/OpenELM (Hugging Face) layout with float weights, for PyTorch tools."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing output folder."),
+):
+    """Fold LoRA/DoRA adapters into the base weights: a standalone model in the base's dtype and quantization."""
+    from rich.console import Console
+    from rich.markup import escape
+
+    from .lora.fuse import fuse as fuse_model
+
+    out = fuse_model(model, adapter_path, save_path, dequantize=dequantize, export_hf=export_hf, force=force)
+    Console(soft_wrap=True, highlight=False).print(f"[green]Saved[/green] {escape(str(out))}")
 
 
 from .convert import convert_command  # noqa: E402  (imports mlx.core only; the rest loads inside)

@@ -375,18 +375,19 @@ def _device_is_cpu() -> bool:
     return mx.default_device().type == mx.DeviceType.cpu
 
 
-def load_model(folder: Path, dtype: str = "auto", keep_quantized: bool = False):
+def load_model(folder: Path, dtype: Optional[str] = "auto", keep_quantized: bool = False):
     """Load an MLX model folder.
 
     ``dtype="auto"``: on the CPU compute in float32 (fp16/bf16 weights upcast, quantized layers
     dequantized, as MLX's CPU quantized matmul is far slower than float32 BLAS) unless
     ``keep_quantized``; on a GPU keep the stored dtype and quantization. An explicit dtype
-    casts every float parameter. ``model.compute_info`` records the choice.
+    casts every float parameter; ``dtype=None`` keeps the stored dtype and quantization on any
+    device (for rewriting a model, e.g. fuse). ``model.compute_info`` records the choice.
     """
     from . import _backend
     from .model import Model
 
-    if dtype != "auto" and dtype not in DTYPES:
+    if dtype is not None and dtype != "auto" and dtype not in DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}; choose auto, {', '.join(DTYPES)}")
     folder = Path(folder)
     config = read_config(folder)
@@ -428,7 +429,7 @@ def load_model(folder: Path, dtype: str = "auto", keep_quantized: bool = False):
 
     cpu = _device_is_cpu()
     target = DTYPES["float32"] if (dtype == "auto" and cpu) else DTYPES.get(dtype)
-    if stored_quant and cpu and not keep_quantized:
+    if stored_quant and cpu and not keep_quantized and dtype is not None:
         dequantize(model, target)
     if target is not None:
         cast_parameters(model, target)
