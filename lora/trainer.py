@@ -12,6 +12,7 @@ Output folder layout::
     <out>/adapters.safetensors, adapter_config.json   final adapters (adapters.save_adapters)
     <out>/training_args.json                          the TrainingArgs of the run
     <out>/metrics.jsonl                               one line per step, plus val_loss lines
+                                                      ("tokens" = trained target tokens of the step)
     <out>/checkpoints/step_<N>/                       adapters, optimizer.safetensors, state.json
 """
 
@@ -23,7 +24,7 @@ import os
 import shutil
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
@@ -85,13 +86,6 @@ class TrainingArgs:
         d["adapter"] = self.adapter.to_dict()
         d["betas"] = list(self.betas)
         return d
-
-    @classmethod
-    def from_dict(cls, d: Dict[str, Any]) -> "TrainingArgs":
-        d = dict(d)
-        d["adapter"] = LoRAConfig.from_dict(d.get("adapter", {}))
-        d["betas"] = tuple(d.get("betas", (0.9, 0.95)))
-        return cls(**{k: v for k, v in d.items() if k in {f.name for f in fields(cls)}})
 
     def validate(self, world_size: int = 1) -> None:
         """Raise ValueError/FileNotFoundError (one line, what to change) for unusable settings,
@@ -265,16 +259,19 @@ def latest_checkpoint(output_dir) -> Optional[Path]:
     return found[-1] if found else None
 
 
-def _write_json(path: Path, obj: Any) -> None:
+def _write_text(path: Path, text: str) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}-")
     try:
         with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2)
-            f.write("\n")
+            f.write(text)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    _write_text(path, json.dumps(obj, indent=2) + "\n")
 
 
 def _random_key() -> List[int]:
@@ -313,15 +310,13 @@ def _restore_tree(tree, flat: Dict[str, mx.array], what: str):
     return tree_map_with_path(lambda p, _: flat[p], tree)
 
 
-def _load_checkpoint(folder: Path, model, optimizer) -> Dict[str, Any]:
+def _load_checkpoint(folder: Path, model, optimizer) -> None:
     from .adapters import ADAPTERS_FILE
 
-    state = json.loads((folder / STATE_FILE).read_text())
     model.update(_restore_tree(model.trainable_parameters(), mx.load(str(folder / ADAPTERS_FILE)), str(folder / ADAPTERS_FILE)))
     optimizer.init(model.trainable_parameters())
     optimizer.state = _restore_tree(optimizer.state, mx.load(str(folder / OPTIMIZER_FILE)), str(folder / OPTIMIZER_FILE))
     mx.eval(model.trainable_parameters(), optimizer.state)
-    return state
 
 
 def _check_resumable(saved: Dict[str, Any], args: TrainingArgs, fingerprint: Dict[str, int], world_size: int) -> None:
@@ -336,13 +331,10 @@ def _check_resumable(saved: Dict[str, Any], args: TrainingArgs, fingerprint: Dic
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
-    if not path.exists():
-        return
-    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}-")
-    with os.fdopen(fd, "w") as f:
-        f.write("".join(line + "\n" for line in keep))
-    os.replace(tmp, path)
+    """Drop the lines an interrupted run wrote after the checkpoint it resumes from."""
+    if path.exists():
+        keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+        _write_text(path, "".join(line + "\n" for line in keep))
 
 
 # -- data --------------------------------------------------------------------------------------
@@ -424,14 +416,25 @@ def train(model, tokenizer, train_set: Sequence[dict], val_set: Sequence[dict], 
     for steps, files and data parallelism. With ``args.resume`` the newest checkpoint in
     ``args.output_dir`` is restored (adapters, optimizer, data position, PRNG keys), so the run
     continues with the losses an uninterrupted run would have. Only rank 0 writes files and
-    calls ``callback``. Returns ``{"steps", "loss", "val_loss", "output_dir"}``."""
+    calls ``callback``; every rank reads the checkpoint on resume, so across machines the output
+    folder must be shared (or copied). Returns ``{"steps", "loss", "val_loss", "output_dir"}``."""
     group = mx.distributed.init()
     rank, world = group.rank(), group.size()
-    args.validate(world)
-    if not train_set:
-        raise ValueError("the training set is empty; give records with instruction and output fields")
-    if any(isinstance(m, ADAPTER_TYPES) for _, m in model.named_modules()):
-        raise ValueError("the model already has adapters; pass a model without adapters (train adds args.adapter)")
+    problem = None
+    try:
+        args.validate(world)
+        if not train_set:
+            raise ValueError("the training set is empty; give records with instruction and output fields")
+        if any(isinstance(m, ADAPTER_TYPES) for _, m in model.named_modules()):
+            raise ValueError("the model already has adapters; pass a model without adapters (train adds args.adapter)")
+    except (ValueError, FileNotFoundError) as e:
+        problem = e
+    if world > 1:  # every rank checks before rank 0 writes anything, and all stop if one objects
+        objections = mx.distributed.all_sum(mx.array(float(problem is not None)), group=group).item()
+        if objections and problem is None:
+            problem = ValueError("another process rejected the training settings; see its error")
+    if problem is not None:
+        raise problem
     out = Path(args.output_dir)
     lead = rank == 0
     cb = callback if (callback is not None and lead) else TrainingCallback()
@@ -439,6 +442,10 @@ def train(model, tokenizer, train_set: Sequence[dict], val_set: Sequence[dict], 
     train_enc, val_enc = _encode(tokenizer, train_set, args), _encode(tokenizer, val_set, args)
     fingerprint = {"records": len(train_enc), "tokens": int(sum(len(ids) for ids, _ in train_enc))}
     steps = total_steps(args, len(train_enc))
+    if args.resume:  # checked before the model is touched
+        ckpt = latest_checkpoint(out)
+        saved = json.loads((ckpt / STATE_FILE).read_text())
+        _check_resumable(saved, args, fingerprint, world)
 
     mx.random.seed(args.seed)  # adapter init: identical on every rank
     apply_adapters(model, **args.adapter.to_dict())
@@ -451,9 +458,6 @@ def train(model, tokenizer, train_set: Sequence[dict], val_set: Sequence[dict], 
 
     start_step, consumed = 0, 0
     if args.resume:
-        ckpt = latest_checkpoint(out)
-        saved = json.loads((ckpt / STATE_FILE).read_text())
-        _check_resumable(saved, args, fingerprint, world)
         _load_checkpoint(ckpt, model, optimizer)
         start_step, consumed = saved["step"], saved["micro_batches"]
         _set_random_key(saved["random_keys"][rank])
@@ -523,7 +527,10 @@ def train(model, tokenizer, train_set: Sequence[dict], val_set: Sequence[dict], 
                 cb.on_val(vline)
 
             if args.save_every and step % args.save_every == 0 and step < steps:
-                keys = mx.distributed.all_gather(mx.array(_random_key(), dtype=mx.uint32)[None], group=group) if world > 1 else mx.array([_random_key()], dtype=mx.uint32)
+                keys = mx.array([_random_key()], dtype=mx.uint32)
+                if world > 1:
+                    keys = mx.distributed.all_gather(keys, group=group)
+                    mx.eval(keys)  # every rank must take part, not only the one that writes
                 if lead:
                     ckpt_state = {"step": step, "micro_batches": consumed, "epoch": consumed // per_epoch,
                                   "batch_in_epoch": consumed % per_epoch, "random_keys": np.array(keys).tolist(),

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import math
 import random
 from pathlib import Path
 
@@ -18,7 +19,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_map
 
 from conftest import tiny_args
-from mlx_openelm.lora.adapters import LoRAConfig, apply_adapters, load_adapters
+from mlx_openelm.lora.adapters import ADAPTER_TYPES, LoRAConfig, apply_adapters, load_adapters
 from mlx_openelm.lora.data import generate_prompt
 from mlx_openelm.lora.evaluate import evaluate
 from mlx_openelm.lora.trainer import (
@@ -30,6 +31,7 @@ from mlx_openelm.lora.trainer import (
     learning_rate_schedule,
     list_checkpoints,
     loss_sums,
+    total_steps,
     train,
 )
 from mlx_openelm.model import Model, init_weights
@@ -63,7 +65,7 @@ def colour_task(n_train_per_word=24, n_test_per_word=12, seed=0):
 
 
 @pytest.fixture(scope="module")
-def task_tokenizer(tmp_path_factory) -> Tokenizer:
+def task_spm_path(tmp_path_factory) -> Path:
     """A word-level SentencePiece model trained on the task's prompts, so sequences stay ~56 tokens."""
     import sentencepiece as spm
 
@@ -76,7 +78,12 @@ def task_tokenizer(tmp_path_factory) -> Tokenizer:
         hard_vocab_limit=False, unk_id=0, bos_id=1, eos_id=2, pad_id=-1, character_coverage=1.0,
         num_threads=1, minloglevel=2,
     )
-    return Tokenizer(d / "tokenizer.model")
+    return d / "tokenizer.model"
+
+
+@pytest.fixture(scope="module")
+def task_tokenizer(task_spm_path) -> Tokenizer:
+    return Tokenizer(task_spm_path)
 
 
 def tiny_model(seed=0, **overrides) -> Model:
@@ -163,8 +170,10 @@ def test_resume_continues_with_the_same_losses(tmp_path, task_tokenizer):
     assert latest_checkpoint(out).name == "step_4" and not (out / "adapters.safetensors").exists()
     with pytest.raises(ValueError, match="--resume"):
         train(tiny_model(), task_tokenizer, train_set, val_set, resume_args(out))
+    untouched = tiny_model()
     with pytest.raises(ValueError, match="learning_rate"):
-        train(tiny_model(), task_tokenizer, train_set, val_set, TrainingArgs(**{**resume_args(out, resume=True).__dict__, "learning_rate": 1e-3}))
+        train(untouched, task_tokenizer, train_set, val_set, TrainingArgs(**{**resume_args(out, resume=True).__dict__, "learning_rate": 1e-3}))
+    assert not any(isinstance(m, ADAPTER_TYPES) for _, m in untouched.named_modules())
     train(tiny_model(seed=0), task_tokenizer, train_set, val_set, resume_args(out, resume=True))
 
     full_steps, full_vals = metrics(tmp_path / "full")
@@ -231,32 +240,47 @@ def test_loss_is_token_weighted_mean(task_tokenizer):
 
 
 def test_grad_checkpoint_with_dropout_matches_finite_differences():
-    """With dropout on, the checkpointed backward must replay the forward's dropout masks:
-    the gradient equals a central difference of the (re-seeded) loss along a random direction."""
+    """With dropout on, the checkpointed backward must replay the forward's dropout masks: each
+    gradient entry equals a central difference of the loss re-seeded to the same masks. (mlx-lm's
+    ``grad_checkpoint`` draws fresh masks in the recomputation and fails this: wrong signs even.)"""
+    from mlx.utils import tree_map_with_path
+
     model = tiny_model()
+    mx.random.seed(0)
     apply_adapters(model, rank=4, alpha=8, dropout=0.3)
     model.update(tree_map(lambda p: p + 0.05, model.trainable_parameters()))  # lora_b != 0
     enable_grad_checkpoint(model)
     model.train()
     x = mx.array(np.random.default_rng(0).integers(3, 300, (2, 12)).astype(np.int32))
     mask = mx.ones((2, 11))
-
-    def loss_at(params):
-        model.update(params)
-        mx.random.seed(11)
-        return loss_sums(model, x[:, :-1], x[:, 1:], mask)[0]
-
     params = model.trainable_parameters()
+
+    def loss_at(name, index, delta):
+        def shift(path, p):
+            if path != name:
+                return p
+            d = np.zeros(p.shape, np.float32)
+            d[index] = delta
+            return p + mx.array(d)
+
+        model.update(tree_map_with_path(shift, params))
+        mx.random.seed(11)
+        return loss_sums(model, x[:, :-1], x[:, 1:], mask)[0].item()
+
     mx.random.seed(11)
-    (_, _), grads = nn.value_and_grad(model, loss_sums)(model, x[:, :-1], x[:, 1:], mask)
-    direction = tree_map(lambda p: mx.random.normal(p.shape, key=mx.random.key(5)), params)
+    _, grads = nn.value_and_grad(model, loss_sums)(model, x[:, :-1], x[:, 1:], mask)
+    grads = dict(tree_flatten(grads))
     eps = 1e-2
-    plus = loss_at(tree_map(lambda p, d: p + eps * d, params, direction)).item()
-    minus = loss_at(tree_map(lambda p, d: p - eps * d, params, direction)).item()
+    for name, index in [
+        ("transformer.layers.0.attn.qkv_proj.lora_b", (0, 3)),
+        ("transformer.layers.0.ffn.proj_1.lora_a", (5, 1)),
+        ("transformer.layers.1.attn.out_proj.lora_a", (2, 2)),
+        ("transformer.layers.1.ffn.proj_2.lora_b", (1, 7)),
+    ]:
+        numeric = (loss_at(name, index, eps) - loss_at(name, index, -eps)) / (2 * eps)
+        analytic = grads[name][index].item()
+        assert abs(analytic - numeric) <= 0.03 * abs(numeric) + 2e-3, (name, analytic, numeric)
     model.update(params)
-    analytic = sum((g * d).sum().item() for (_, g), (_, d) in zip(tree_flatten(grads), tree_flatten(direction)))
-    numeric = (plus - minus) / (2 * eps)
-    assert abs(analytic - numeric) <= 1e-2 * abs(numeric) + 1e-2, (analytic, numeric)
 
 
 def test_grad_checkpoint_gives_the_same_training(tmp_path, task_tokenizer):
@@ -271,6 +295,23 @@ def test_grad_checkpoint_gives_the_same_training(tmp_path, task_tokenizer):
     np.testing.assert_allclose(losses[0], losses[1], rtol=1e-5)
 
 
+@pytest.mark.parametrize("use_dora", [False, True], ids=["qlora", "qdora"])
+def test_quantized_base_trains_and_stays_frozen(tmp_path, task_tokenizer, use_dora):
+    model = tiny_model()
+    nn.quantize(model, group_size=32, bits=4)
+    before = {k: np.array(v) for k, v in tree_flatten(model.parameters())}
+    args = TrainingArgs(output_dir=str(tmp_path / "out"), adapter=LoRAConfig(rank=4, alpha=8, dropout=0.1, use_dora=use_dora),
+                        learning_rate=1e-2, warmup=0, batch_size=4, grad_accum=1, iters=6, save_every=0)
+    train(model, task_tokenizer, colour_task(2, 1)[0], [], args)
+    assert isinstance(model.transformer.layers[0].attn.qkv_proj.linear, nn.QuantizedLinear)
+    after = {k.replace(".linear.", "."): np.array(v) for k, v in tree_flatten(model.parameters())
+             if not k.endswith((".lora_a", ".lora_b", ".m"))}
+    assert after.keys() == before.keys()
+    assert all(np.array_equal(after[k], before[k]) for k in before)  # the quantized base is untouched
+    losses = [s["loss"] for s in metrics(tmp_path / "out")[0]]
+    assert np.all(np.isfinite(losses)) and losses[-1] < losses[0]
+
+
 def test_schedule_warmup_then_cosine():
     args = TrainingArgs(learning_rate=3e-4, min_learning_rate=3e-5, warmup=10, warmup_init=1e-6)
     lr = learning_rate_schedule(args, 110)
@@ -281,6 +322,9 @@ def test_schedule_warmup_then_cosine():
     assert values[110] == pytest.approx(3e-5)
     frac = learning_rate_schedule(TrainingArgs(warmup=0.1), 200)
     assert frac(mx.array(20)).item() == pytest.approx(3e-4) and frac(mx.array(10)).item() < 2e-4
+    # Commonsense-170k (minus 120 held out), 3 epochs, 16 sequences per update, as LLM-Adapters.
+    assert total_steps(TrainingArgs(), 170_000 - 120) == math.ceil(3 * math.ceil(169_880 / 4) / 4)
+    assert total_steps(TrainingArgs(iters=7), 10) == 7
 
 
 @pytest.mark.parametrize(
