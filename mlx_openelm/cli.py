@@ -112,14 +112,14 @@ def chat(
     system: Optional[str] = typer.Option(None, "--system", "-s", help="System message."),
     max_tokens: int = typer.Option(512, "--max-tokens", help="Most tokens per answer."),
     temp: float = typer.Option(0.0, "--temp", help="Sampling temperature; 0 is greedy."),
-    top_p: float = typer.Option(0.0, "--top-p"),
-    top_k: int = typer.Option(0, "--top-k"),
-    min_p: float = typer.Option(0.0, "--min-p"),
-    repetition_penalty: Optional[float] = typer.Option(1.2, "--repetition-penalty", help="The model card's 1.2 by default."),
-    seed: Optional[int] = typer.Option(None, "--seed"),
-    adapter_path: Optional[Path] = typer.Option(None, "--adapter-path"),
-    dtype: str = typer.Option("auto", "--dtype"),
-    verbose: bool = typer.Option(False, "--verbose", "-v"),
+    top_p: float = typer.Option(0.0, "--top-p", help="Nucleus sampling mass (0 disables)."),
+    top_k: int = typer.Option(0, "--top-k", help="Sample among the k most likely tokens (0 disables)."),
+    min_p: float = typer.Option(0.0, "--min-p", help="Drop tokens below min_p x the top probability (0 disables)."),
+    repetition_penalty: Optional[float] = typer.Option(1.2, "--repetition-penalty", help="Penalty for recent tokens; the model card's 1.2 by default."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Random seed for sampling."),
+    adapter_path: Optional[Path] = typer.Option(None, "--adapter-path", help="LoRA/DoRA adapters folder to apply."),
+    dtype: str = typer.Option("auto", "--dtype", help="Compute dtype: auto (float32 on CPU, stored dtype on GPU), float32, float16, bfloat16."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Report speed, memory and how much of the history came from the cache."),
 ):
     """Chat with an -Instruct model. /reset clears the history, /exit quits, Ctrl-C stops an answer.
 
