@@ -1,7 +1,7 @@
 """Ours vs mlx-lm's OpenELM, same weights, same run: prompt and decode speed and peak memory.
 
 Random weights at the real shapes (no download), a 512-token prompt and 128 generated tokens by
-default, for a float16 checkpoint and a 4-bit one. Each gives two comparisons (see
+default, for a float16 checkpoint and a 4-bit one (group size 64). Each gives two comparisons (see
 ``mlx_openelm/bench.py``):
 
 - ``same_dtype``: ours and mlx-lm both on the checkpoint as stored (float16, or 4-bit with float16
@@ -10,7 +10,12 @@ default, for a float16 checkpoint and a 4-bit one. Each gives two comparisons (s
   dequantized; the stored dtype on a GPU) vs mlx-lm at its defaults (the stored dtype).
 
 Ratios are ours/mlx-lm (above 1 means ours is faster, or for memory, bigger). Prints JSON on
-stdout and a short summary on stderr. Slow on a CPU: run it once, not in a loop.
+stdout (and after every checkpoint to ``--out``) and a short summary on stderr.
+
+On a CPU the 4-bit checkpoint keeps float32 scales by default: MLX's CPU ``quantized_matmul`` runs
+at ~2.2 GFLOP/s with float32 activations but ~0.06 GFLOP/s with float16 ones (measured on the
+project's 2-core EPYC), so a float16 4-bit 270M run would take hours (``--quantized-dtype float16``
+still asks for it). Slow on a CPU in any case (~15-20 min per checkpoint at 270M): run it once.
 
     python benchmarks/bench_generate.py                  # 270M
     python benchmarks/bench_generate.py --include-1_1b   # 270M and 1.1B
@@ -22,15 +27,17 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import sys
 import time
+from pathlib import Path
 
 import mlx_openelm  # noqa: F401  (OpenBLAS before mlx)
 import mlx.core as mx
 
 from mlx_openelm import bench
 
-CHECKPOINTS = (("float16", None), ("float16", 4))
+CHECKPOINTS = {"float16": ("float16", None), "4bit": (None, 4)}  # None: --quantized-dtype
 
 
 def compare(shape: str, stored: str, bits, args) -> dict:
@@ -72,25 +79,35 @@ def main() -> None:
     p.add_argument("--gen-tokens", type=int, default=128)
     p.add_argument("--repeats", type=int, default=3, help="interleaved timed rounds; medians are reported")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--checkpoint", action="append", choices=list(CHECKPOINTS), help="which checkpoints (repeatable; default both)")
+    p.add_argument("--quantized-dtype", choices=["auto", "float32", "float16", "bfloat16"], default="auto",
+                   help="dtype of the 4-bit checkpoint's scales and other weights; auto: float32 on a CPU, float16 on a GPU")
+    p.add_argument("--out", type=Path, help="also write the JSON here, updated after every checkpoint")
     args = p.parse_args()
     shapes = args.shape or ["270M"]
     if args.include_1_1b and "1_1B" not in shapes:
         shapes.append("1_1B")
+    qdtype = bench.random_checkpoint_dtype(args.quantized_dtype, quantize=4)
 
-    results = []
-    tic = time.perf_counter()
-    for shape in shapes:
-        for stored, bits in CHECKPOINTS:
-            results.append(compare(shape, stored, bits, args))
-            print(summary_line(results[-1]), file=sys.stderr, flush=True)
     out = {
         "command": " ".join(["python", *sys.argv]),
         "prompt_tokens": args.prompt_tokens,
         "gen_tokens": args.gen_tokens,
         "repeats": args.repeats,
-        "seconds": round(time.perf_counter() - tic, 1),
-        "results": results,
+        "seconds": 0.0,
+        "results": [],
     }
+    tic = time.perf_counter()
+    for shape in shapes:
+        for name in args.checkpoint or list(CHECKPOINTS):
+            stored, bits = CHECKPOINTS[name]
+            out["results"].append(compare(shape, stored or qdtype, bits, args))
+            out["seconds"] = round(time.perf_counter() - tic, 1)
+            print(summary_line(out["results"][-1]), file=sys.stderr, flush=True)
+            if args.out:
+                tmp = args.out.with_name(args.out.name + ".partial")
+                tmp.write_text(json.dumps(out, indent=2) + "\n")
+                os.replace(tmp, args.out)
     json.dump(out, sys.stdout, indent=2)
     sys.stdout.write("\n")
 

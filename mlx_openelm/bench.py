@@ -8,8 +8,7 @@ optionally, in the same run and on the same weights, mlx-lm's OpenELM through ml
 dicts; nothing here prints.
 
 Terms. The *checkpoint* is the model as stored: a model folder, or random weights at a released
-size's shapes kept in float16 (the dtype of the published MLX conversions) unless a dtype is
-named. mlx-lm runs the checkpoint at its defaults (stored dtype and quantization). Ours runs what
+size's shapes (dtype: ``random_checkpoint_dtype``). mlx-lm runs the checkpoint at its defaults (stored dtype and quantization). Ours runs what
 ``loading.load_model`` makes of it: with ``dtype="auto"`` float32 on the CPU (quantized layers
 dequantized), the stored dtype on a GPU; a named dtype casts and keeps quantization.
 Two comparisons come out: ``same_dtype`` (ours on the checkpoint exactly as stored, vs mlx-lm:
@@ -89,6 +88,15 @@ def random_model(shape: str, dtype: str = "float16", quantize: Optional[int] = N
     if quantize:
         quantize_model(model, quantize)
     return model
+
+
+def random_checkpoint_dtype(dtype: str, quantize: Optional[int] = None) -> str:
+    """Stored dtype of a random-weight checkpoint: a named ``dtype`` as is; for ``"auto"`` float16
+    (as the published MLX conversions), except float32 for a quantized one on a CPU, where MLX's
+    ``quantized_matmul`` is ~36x slower with float16 activations (0.06 vs 2.2 GFLOP/s measured)."""
+    if dtype != "auto":
+        return dtype
+    return "float32" if quantize and _on_cpu() else "float16"
 
 
 def share_weights(src: nn.Module, dst: nn.Module) -> nn.Module:
@@ -394,6 +402,7 @@ def benchmark(
         **{k: main[k] for k in ("prompt_tps", "generation_tps", "ttft_s", "peak_memory_gb", "samples")},
         "mlx_lm": None,
         "rmsnorm_ablation": None,
+        "plot": None,
     }
     if compare_mlx_lm:
         stored = runs.get("ours_stored", main)
@@ -436,19 +445,21 @@ def run_bench(
 ) -> Dict[str, Any]:
     """Build the models for ``mlx-openelm bench`` and run ``benchmark`` (``options`` are its keywords).
 
-    ``shape``: random weights at a released size's shapes (or ``tiny``), stored in float16 unless
-    ``dtype`` names another; ``quantize`` quantizes that checkpoint. ``model``: a folder or hub id
+    ``shape``: random weights at a released size's shapes (or ``tiny``), stored in
+    ``random_checkpoint_dtype(dtype, quantize)``; ``quantize`` quantizes that checkpoint. ``model``: a folder or hub id
     loaded with ``loading.load`` (``keep_quantized`` unless ``dtype="auto"``); ``quantize`` quantizes
     after loading, for ours and for the checkpoint mlx-lm runs. ``plot`` writes a PNG chart.
     """
     if (model is None) == (shape is None):
         raise ValueError("give either --model or --shape")
+    if dtype != "auto" and dtype not in DTYPES:
+        raise ValueError(f"unknown --dtype {dtype!r}; choose auto, {', '.join(DTYPES)}")
     if plot is not None:
         _require_matplotlib()
     if shape is not None:
         if shape.upper().replace(".", "_") not in SHAPES and shape.lower() != "tiny":
             raise ValueError(f"unknown --shape {shape!r}; choose one of {', '.join(SHAPES)}")
-        checkpoint = random_model(shape, "float16" if dtype == "auto" else dtype, quantize, seed)
+        checkpoint = random_model(shape, random_checkpoint_dtype(dtype, quantize), quantize, seed)
         ours, tokenizer, label = as_loaded(checkpoint, dtype), None, f"random weights, OpenELM-{shape} shapes"
     else:
         ours, tokenizer, checkpoint, label = _load_for_bench(model, dtype, quantize, options.get("compare_mlx_lm", False))

@@ -173,7 +173,7 @@ def chat(
 def bench(
     model: Optional[str] = typer.Option(None, "--model", "-m", help="MLX folder, apple/OpenELM-* folder or hub id."),
     shape: Optional[str] = typer.Option(None, "--shape", help="Random weights at a released size's shapes: 270M, 450M, 1_1B, 3B, or tiny (no download)."),
-    dtype: str = typer.Option("auto", "--dtype", help="Our compute dtype: auto (float32 on CPU, stored dtype on GPU), float32, float16, bfloat16. With --shape a named dtype is also the stored one (else float16)."),
+    dtype: str = typer.Option("auto", "--dtype", help="Our compute dtype: auto (float32 on CPU, stored dtype on GPU), float32, float16, bfloat16. With --shape a named dtype is also the stored one (else float16; float32 when quantizing on a CPU, where float16 quantized matmul is ~36x slower)."),
     quantize: Optional[int] = typer.Option(None, "--quantize", "-q", help="Quantize the checkpoint to 4 or 8 bits (group size 64)."),
     prompt_tokens: int = typer.Option(512, "--prompt-tokens", help="Prompt length in tokens."),
     gen_tokens: int = typer.Option(128, "--gen-tokens", help="Tokens to generate (exactly; EOS is ignored)."),

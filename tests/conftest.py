@@ -126,6 +126,20 @@ def write_hf_checkpoint(folder: Path, args: ModelArgs, seed: int = 0, tokenizer:
     return model
 
 
+TOKENS = mx.array([[1, 5, 9, 33, 100, 7, 250, 383, 2, 64]])
+
+
+def logits(model) -> mx.array:
+    """float32 logits of a fixed token row, evaluated."""
+    out = model(TOKENS).astype(mx.float32)
+    mx.eval(out)
+    return out
+
+
+def max_diff(a, b) -> float:
+    return mx.abs(a - b).max().item()
+
+
 @pytest.fixture
 def hf_checkpoint(tmp_path, sp_model_path):
     """A tiny apple/OpenELM-layout folder (without tokenizer, like the real repos) and its model."""

@@ -159,6 +159,12 @@ def test_as_loaded_matches_the_loader(tmp_path, sp_model_path, bits):
     assert bench.as_loaded(ckpt, "float16") is ckpt
 
 
+def test_random_checkpoint_dtype():
+    assert bench.random_checkpoint_dtype("auto") == "float16"
+    assert bench.random_checkpoint_dtype("auto", 4) == "float32"  # on the CPU: float16 quantized matmul is slow
+    assert bench.random_checkpoint_dtype("bfloat16", 4) == "bfloat16"
+
+
 def test_benchmark_library_numbers_are_consistent():
     model = bench.random_model("tiny", "float32", seed=0)
     r = bench.benchmark(model, compare_mlx_lm=True, rmsnorm_ablation=True, **SMALL)

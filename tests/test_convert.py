@@ -16,7 +16,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_map
 
-from conftest import hf_config, tiny_args, write_hf_checkpoint
+from conftest import hf_config, logits, max_diff, tiny_args, write_hf_checkpoint
 from mlx_openelm import loading
 from mlx_openelm.convert import convert
 from mlx_openelm.loading import load_model
@@ -24,19 +24,6 @@ from mlx_openelm.model import Model, init_weights
 from mlx_openelm.tokenizer import CHAT_TEMPLATE
 
 REPO = Path(__file__).resolve().parents[1]
-TOKENS = mx.array([[1, 5, 9, 33, 100, 7, 250, 383, 2, 64]])
-
-
-def logits(model) -> mx.array:
-    out = model(TOKENS).astype(mx.float32)
-    mx.eval(out)
-    return out
-
-
-def max_diff(a, b) -> float:
-    return mx.abs(a - b).max().item()
-
-
 def run_convert(*argv, env=None, cwd=None):
     """``python convert.py ...`` as a user runs it."""
     full_env = {**os.environ, "HF_HUB_DISABLE_TELEMETRY": "1", **(env or {})}

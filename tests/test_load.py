@@ -15,23 +15,10 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_map
 
-from conftest import hf_config, tiny_args, write_hf_checkpoint
+from conftest import TOKENS, hf_config, logits, max_diff, tiny_args, write_hf_checkpoint
 from mlx_openelm.convert import convert
 from mlx_openelm.loading import export_hf, load, load_model, resolve_model_path, save_model
 from mlx_openelm.tokenizer import CHAT_TEMPLATE, Tokenizer
-
-TOKENS = mx.array([[1, 5, 9, 33, 100, 7, 250, 383, 2, 64]])
-
-
-def logits(model) -> mx.array:
-    out = model(TOKENS).astype(mx.float32)
-    mx.eval(out)
-    return out
-
-
-def max_diff(a, b) -> float:
-    return mx.abs(a - b).max().item()
-
 
 def float_dtypes(model) -> set:
     return {v.dtype for _, v in tree_flatten(model.parameters()) if mx.issubdtype(v.dtype, mx.floating)}
