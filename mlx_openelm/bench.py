@@ -8,16 +8,20 @@ optionally, in the same run and on the same weights, mlx-lm's OpenELM through ml
 dicts; nothing here prints.
 
 Terms. The *checkpoint* is the model as stored: a model folder, or random weights at a released
-size's shapes (dtype: ``random_checkpoint_dtype``). mlx-lm runs the checkpoint at its defaults (stored dtype and quantization). Ours runs what
-``loading.load_model`` makes of it: with ``dtype="auto"`` float32 on the CPU (quantized layers
-dequantized), the stored dtype on a GPU; a named dtype casts and keeps quantization.
+size's shapes (dtype: ``random_checkpoint_dtype``). mlx-lm runs the checkpoint at its defaults
+(stored dtype and quantization). Ours runs what ``loading.load_model`` makes of it: with
+``dtype="auto"`` float32 on the CPU (quantized layers dequantized), the stored dtype on a GPU;
+a named dtype casts and keeps quantization.
 Two comparisons come out: ``same_dtype`` (ours on the checkpoint exactly as stored, vs mlx-lm:
 the same kernels, so only the model code differs) and ``defaults`` (ours as loaded vs mlx-lm at
 its defaults: what a user of each gets from the same checkpoint).
 
 Noise. Every contender is warmed up once with a short run; then ``repeats`` rounds run every
-contender once each, interleaved, and medians are reported. Ratios ours/mlx-lm are medians of
-the per-round ratios (each round's runs are close in time, so drift on a shared machine cancels).
+contender once each, interleaved (the order reversed every other round), and medians are reported.
+Ratios ours/mlx-lm are medians of the per-round ratios (each round's runs are close in time, so
+drift on a shared machine cancels). mlx-lm is timed on its bare ``generate_step`` and ours through
+our whole ``stream_generate`` (detokenizer, response objects): ~0.1 ms per token more for ours,
+visible only on tiny models.
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ import time
 import uuid
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Union
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -46,13 +50,15 @@ SHAPES = ("270M", "450M", "1_1B", "3B", "tiny")
 GROUP_SIZE = 64
 QUANT_BITS = (2, 3, 4, 5, 6, 8)
 WARMUP_PROMPT, WARMUP_GEN = 16, 4
+NAIVE_COLOR = "#d62728"
 
 ABLATION_METHOD = (
-    "Norm time per token is measured, not estimated: during one decode forward pass (one token) every "
-    "RMSNorm call's input is recorded (same shapes, dtypes and memory layouts as in the model), then "
-    "all those calls are re-run alone, 8 decode steps' worth per evaluation, and timed including graph "
-    "construction; median over rounds, fused and naive interleaved. Share = that time / the decode time "
-    "per token measured end to end with the same RMSNorm variant."
+    "Measured, not estimated from FLOPs. One decode step (one token, KV cache holding the prompt) is run "
+    "with every RMSNorm call's input recorded (same shapes, dtypes and memory layouts as in the model). "
+    "Then, in interleaved rounds, for fused and naive RMSNorm alike: a full decode step is timed, and "
+    "those RMSNorm calls alone are re-run and timed (8 steps' worth per evaluation, graph construction "
+    "included). Share = median over rounds of norm time / step time, both taken back to back so that "
+    "load from other processes hits them alike. Tok/s figures come from the end-to-end generation runs."
 )
 
 
@@ -63,7 +69,10 @@ def shape_args(shape: str) -> ModelArgs:
     """``ModelArgs`` of a released size (``270M``, ``450M``, ``1_1B``, ``3B``) or ``tiny``."""
     if shape.lower() == "tiny":
         return ModelArgs(**TINY_SHAPE)
-    return ModelArgs.from_name(shape)
+    try:
+        return ModelArgs.from_name(shape)
+    except ValueError:
+        raise ValueError(f"unknown --shape {shape!r}; choose one of {', '.join(SHAPES)}") from None
 
 
 def quantize_model(model: nn.Module, bits: int) -> nn.Module:
@@ -102,7 +111,8 @@ def random_checkpoint_dtype(dtype: str, quantize: Optional[int] = None) -> str:
 def share_weights(src: nn.Module, dst: nn.Module) -> nn.Module:
     """Give ``dst`` (same architecture, e.g. mlx-lm's OpenELM) the very arrays of ``src``, with the
     same layers quantized; no copy is made."""
-    quant = {p: dict(group_size=m.group_size, bits=m.bits, mode=m.mode) for p, m in src.named_modules() if isinstance(m, QUANTIZED)}
+    quant = {p: dict(group_size=m.group_size, bits=m.bits, mode=m.mode)
+             for p, m in src.named_modules() if isinstance(m, QUANTIZED)}
     if quant:
         nn.quantize(dst, class_predicate=lambda p, m: quant.get(p, False))
     mine = {k: v.shape for k, v in tree_flatten(dst.parameters())}
@@ -245,15 +255,18 @@ def mlx_lm_runner(model: nn.Module) -> Runner:
 
 
 def measure(contenders: Dict[str, tuple], ids: Sequence[int], gen_tokens: int, repeats: int) -> Dict[str, Dict[str, Any]]:
-    """Warm each ``name: (runner, model)`` up, then time ``repeats`` interleaved rounds.
+    """Warm each ``name: (runner, model)`` up, then time ``repeats`` interleaved rounds (order reversed
+    every other round).
     Returns per contender the medians, ``describe(model)`` and the per-round ``samples``."""
     info = {name: describe(model) for name, (_, model) in contenders.items()}
     for runner, _ in contenders.values():
         for _ in runner(ids[:WARMUP_PROMPT], WARMUP_GEN):
             pass
     samples: Dict[str, List[Dict[str, float]]] = {name: [] for name in contenders}
-    for _ in range(repeats):
-        for name, (runner, _) in contenders.items():
+    names = list(contenders)
+    for r in range(repeats):
+        for name in names if r % 2 == 0 else names[::-1]:  # alternate the order: no contender always goes first
+            runner = contenders[name][0]
             samples[name].append(time_generation(lambda: runner(ids, gen_tokens), len(ids), info[name]["weights_gb"]))
     out = {}
     for name, rounds in samples.items():
@@ -289,45 +302,69 @@ def _recording_norm_inputs(store: List[tuple]):
         RMSNorm.__call__ = call
 
 
-def norm_time_per_token(model: Model, token: int, rounds: int = 15, steps_per_eval: int = 8) -> Dict[str, Any]:
-    """Milliseconds that one decode step spends in RMSNorm, fused and naive (see ``ABLATION_METHOD``)."""
-    captured: List[tuple] = []
-    with _recording_norm_inputs(captured):
-        logits = model(mx.array([[token]]))  # one token without cache: the shapes of a decode step
-    mx.eval(logits, [x for _, x in captured])
+def norm_time_per_token(model: Model, ids: Sequence[int], rounds: int = 10, steps_per_eval: int = 8) -> Dict[str, Any]:
+    """Per decode step, fused and naive: milliseconds of the whole step, of its RMSNorm calls alone,
+    and their ratio (see ``ABLATION_METHOD``)."""
+    from mlx_lm.models.cache import trim_prompt_cache
 
-    def once(fused: bool) -> float:
-        set_fused_norms(model, fused)
+    cache = model.make_cache()
+    if len(ids) > 1:
+        model(mx.array([ids[:-1]]), cache=cache)
+        mx.eval([c.state for c in cache])
+    token = mx.array([[ids[-1]]])
+    captured: List[tuple] = []
+
+    def step() -> float:
+        tic = time.perf_counter()
+        mx.eval(mx.argmax(model(token, cache=cache)[:, -1], axis=-1))
+        elapsed = time.perf_counter() - tic
+        trim_prompt_cache(cache, 1)  # every step sees the same cache length
+        return elapsed * 1e3
+
+    def norms() -> float:
         tic = time.perf_counter()
         mx.eval([norm(x) for _ in range(steps_per_eval) for norm, x in captured])
         return (time.perf_counter() - tic) * 1e3 / steps_per_eval
 
-    times: Dict[bool, List[float]] = {True: [], False: []}
+    with _recording_norm_inputs(captured):
+        step()
+    mx.eval([x for _, x in captured])
+
+    times = {f: {"step": [], "norm": []} for f in (True, False)}
     for r in range(rounds + 1):
         for fused in (True, False):
-            t = once(fused)
+            set_fused_norms(model, fused)
+            step_ms, norm_ms = step(), norms()
             if r:  # round 0 warms up
-                times[fused].append(t)
+                times[fused]["step"].append(step_ms)
+                times[fused]["norm"].append(norm_ms)
     set_fused_norms(model, True)
-    return {"calls": len(captured), "fused_ms": statistics.median(times[True]), "naive_ms": statistics.median(times[False])}
+    out: Dict[str, Any] = {"calls": len(captured)}
+    for fused, name in ((True, "fused"), (False, "naive")):
+        t = times[fused]
+        out[name] = {
+            "decode_step_ms": statistics.median(t["step"]),
+            "norm_ms_per_token": statistics.median(t["norm"]),
+            "norm_share": statistics.median(n / s for n, s in zip(t["norm"], t["step"])),
+        }
+    return out
 
 
 def ablation_summary(fused: Dict[str, Any], naive: Dict[str, Any], norms: Dict[str, Any]) -> Dict[str, Any]:
-    """Combine the end-to-end runs (fused, naive) with the isolated norm timings."""
+    """Combine the end-to-end runs (fused, naive) with the step and norm timings of ``norm_time_per_token``."""
     out: Dict[str, Any] = {"method": ABLATION_METHOD, "norm_calls_per_token": norms["calls"]}
-    for name, run, norm_ms in (("fused", fused, norms["fused_ms"]), ("naive", naive, norms["naive_ms"])):
-        decode_ms = 1e3 / run["generation_tps"]
+    for name, run in (("fused", fused), ("naive", naive)):
         out[name] = {
             **{k: run[k] for k in ("prompt_tps", "generation_tps", "ttft_s", "peak_memory_gb", "samples")},
-            "decode_ms_per_token": decode_ms,
-            "norm_ms_per_token": norm_ms,
-            "norm_share": norm_ms / decode_ms,
+            "decode_ms_per_token": 1e3 / run["generation_tps"],
+            **norms[name],
         }
-    out["generation_speedup_fused_over_naive"] = paired_ratios(fused, naive)["generation_tps"]
-    out["prompt_speedup_fused_over_naive"] = paired_ratios(fused, naive)["prompt_tps"]
-    # Cross-check: what fusing saves end to end vs in the isolated norm timings.
-    out["decode_ms_saved_end_to_end"] = out["naive"]["decode_ms_per_token"] - out["fused"]["decode_ms_per_token"]
-    out["norm_ms_saved_isolated"] = norms["naive_ms"] - norms["fused_ms"]
+    ratios = paired_ratios(fused, naive)
+    out["generation_speedup_fused_over_naive"] = ratios["generation_tps"]
+    out["prompt_speedup_fused_over_naive"] = ratios["prompt_tps"]
+    # What fusing saves per token: in the step timings and in the norm-only timings.
+    out["step_ms_saved_by_fusion"] = norms["naive"]["decode_step_ms"] - norms["fused"]["decode_step_ms"]
+    out["norm_ms_saved_by_fusion"] = norms["naive"]["norm_ms_per_token"] - norms["fused"]["norm_ms_per_token"]
     return out
 
 
@@ -368,9 +405,8 @@ def benchmark(
     if prompt_tokens < 1 or gen_tokens < 2 or repeats < 1:
         raise ValueError("need --prompt-tokens >= 1, --gen-tokens >= 2 and --repeats >= 1")
     if prompt_tokens + gen_tokens > args.max_context_length:
-        raise ValueError(
-            f"--prompt-tokens + --gen-tokens is {prompt_tokens + gen_tokens}, over OpenELM's {args.max_context_length}-token context"
-        )
+        raise ValueError(f"--prompt-tokens + --gen-tokens is {prompt_tokens + gen_tokens}, "
+                         f"over OpenELM's {args.max_context_length}-token context")
     tokenizer = tokenizer or TokenIds()
     ids = prompt_ids(prompt_tokens, args.vocab_size, seed)
     checkpoint = ours if checkpoint is None else checkpoint
@@ -390,7 +426,7 @@ def benchmark(
     result: Dict[str, Any] = {
         "model": label,
         "device": mx.default_device().type.name,
-        "device_name": _device_name(),
+        "device_name": str(mx.device_info().get("device_name", "")) if hasattr(mx, "device_info") else "",
         "blas": _backend.BLAS,
         "mlx_version": mx.__version__,
         "mlx_lm_version": mlx_lm.__version__,
@@ -412,7 +448,7 @@ def benchmark(
             "same_dtype_is_defaults": "ours_stored" not in runs,
         }
     if rmsnorm_ablation:
-        norms = norm_time_per_token(ours, ids[-1])
+        norms = norm_time_per_token(ours, ids)
         result["rmsnorm_ablation"] = ablation_summary(main, runs["ours_naive_rmsnorm"], norms)
     return result
 
@@ -424,13 +460,6 @@ def _checkpoint_info(ours: nn.Module, checkpoint: nn.Module) -> Dict[str, Any]:
     if info:
         return {"dtype": info["stored_dtype"], "quantization": info["stored_quantization"], "weights_gb": None}
     return describe(ours)
-
-
-def _device_name() -> str:
-    try:
-        return str(mx.device_info().get("device_name", ""))
-    except (AttributeError, RuntimeError):
-        return ""
 
 
 def run_bench(
@@ -446,9 +475,10 @@ def run_bench(
     """Build the models for ``mlx-openelm bench`` and run ``benchmark`` (``options`` are its keywords).
 
     ``shape``: random weights at a released size's shapes (or ``tiny``), stored in
-    ``random_checkpoint_dtype(dtype, quantize)``; ``quantize`` quantizes that checkpoint. ``model``: a folder or hub id
-    loaded with ``loading.load`` (``keep_quantized`` unless ``dtype="auto"``); ``quantize`` quantizes
-    after loading, for ours and for the checkpoint mlx-lm runs. ``plot`` writes a PNG chart.
+    ``random_checkpoint_dtype(dtype, quantize)``; ``quantize`` quantizes that checkpoint.
+    ``model``: a folder or hub id loaded with ``loading.load`` (``keep_quantized`` unless
+    ``dtype="auto"``); ``quantize`` quantizes after loading, for ours and for the checkpoint
+    mlx-lm runs. ``plot`` writes a PNG chart.
     """
     if (model is None) == (shape is None):
         raise ValueError("give either --model or --shape")
@@ -457,8 +487,6 @@ def run_bench(
     if plot is not None:
         _require_matplotlib()
     if shape is not None:
-        if shape.upper().replace(".", "_") not in SHAPES and shape.lower() != "tiny":
-            raise ValueError(f"unknown --shape {shape!r}; choose one of {', '.join(SHAPES)}")
         checkpoint = random_model(shape, random_checkpoint_dtype(dtype, quantize), quantize, seed)
         ours, tokenizer, label = as_loaded(checkpoint, dtype), None, f"random weights, OpenELM-{shape} shapes"
     else:
@@ -505,16 +533,17 @@ def plot_results(result: Dict[str, Any], path: Union[str, Path]) -> Path:
     _require_matplotlib()
     from matplotlib.figure import Figure
 
-    bars = _contender_bars(result)
+    bars = [(f"{name.replace(', ', chr(10))}\n{weights_label(run)}", run) for name, run in contender_runs(result)]
     ablation = result.get("rmsnorm_ablation")
     panels = [("prompt tok/s", "prompt_tps"), ("decode tok/s", "generation_tps")]
     fig = Figure(figsize=(5.2 * (len(panels) + bool(ablation)), 4.6), layout="constrained")
     axes = fig.subplots(1, len(panels) + bool(ablation), squeeze=False)[0]
-    colors = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd"]
+    palette = iter(["#1f77b4", "#ff7f0e", "#2ca02c", "#9467bd"])
+    colors = [NAIVE_COLOR if "naive" in label else next(palette) for label, _ in bars]
     for ax, (title, key) in zip(axes, panels):
         labels = [b[0] for b in bars]
         values = [b[1][key] for b in bars]
-        rects = ax.bar(range(len(bars)), values, color=colors[: len(bars)])
+        rects = ax.bar(range(len(bars)), values, color=colors)
         ax.bar_label(rects, fmt="%.1f", padding=2)
         ax.set_xticks(range(len(bars)), labels, fontsize=8)
         ax.set_title(title)
@@ -522,13 +551,13 @@ def plot_results(result: Dict[str, Any], path: Union[str, Path]) -> Path:
     if ablation:
         ax = axes[-1]
         shares = [100 * ablation["fused"]["norm_share"], 100 * ablation["naive"]["norm_share"]]
-        rects = ax.bar([0, 1], shares, color=["#1f77b4", "#d62728"])
+        rects = ax.bar([0, 1], shares, color=[colors[0], NAIVE_COLOR])
         ax.bar_label(rects, fmt="%.1f%%", padding=2)
         ax.set_xticks([0, 1], ["fused\nmx.fast.rms_norm", "naive\ncomposed ops"])
         ax.set_title("decode time in RMSNorm (%)")
         ax.margins(y=0.15)
     fig.suptitle(
-        f"{result['model']} | {result['device']} ({result['device_name']}) | ours {_label(result)} | "
+        f"{result['model']} | {result['device']} ({result['device_name']}) | ours {weights_label(result)} | "
         f"{result['prompt_tokens']}-token prompt, {result['gen_tokens']} generated",
         fontsize=10,
     )
@@ -545,20 +574,20 @@ def plot_results(result: Dict[str, Any], path: Union[str, Path]) -> Path:
     return path
 
 
-def _label(summary: Dict[str, Any]) -> str:
+def weights_label(summary: Dict[str, Any]) -> str:
+    """``float16`` or ``float16, 4-bit``."""
     q = summary.get("quantization")
     return summary["dtype"] + (f", {q['bits']}-bit" if q else "")
 
 
-def _contender_bars(result: Dict[str, Any]) -> List[tuple]:
-    """(label, summary) for every distinct run in ``result``."""
-    bars = [(f"ours\n{_label(result)}", result)]
-    cmp = result.get("mlx_lm")
+def contender_runs(result: Dict[str, Any]) -> List[Tuple[str, Dict[str, Any]]]:
+    """(name, summary) of every distinct run in a ``benchmark`` result, in table order."""
+    runs = [("ours", result)]
+    cmp, ablation = result.get("mlx_lm"), result.get("rmsnorm_ablation")
     if cmp:
         if not cmp["same_dtype_is_defaults"]:
-            bars.append((f"ours\n{_label(cmp['same_dtype']['ours'])}", cmp["same_dtype"]["ours"]))
-        bars.append((f"mlx-lm\n{_label(cmp['same_dtype']['mlx_lm'])}", cmp["same_dtype"]["mlx_lm"]))
-    ablation = result.get("rmsnorm_ablation")
+            runs.append(("ours, as stored", cmp["same_dtype"]["ours"]))
+        runs.append(("mlx-lm", cmp["same_dtype"]["mlx_lm"]))
     if ablation:
-        bars.append((f"ours\n{_label(result)}\nnaive RMSNorm", ablation["naive"]))
-    return bars
+        runs.append(("ours, naive RMSNorm", {**ablation["naive"], "dtype": result["dtype"], "quantization": result["quantization"]}))
+    return runs
