@@ -9,9 +9,10 @@ sequences per optimizer step, on the same synthetic token sequences (lengths uni
 - ours: ``mlx_openelm.lora.trainer.train`` (gradient accumulation 1, its defaults otherwise,
   including gradient clipping at 1.0); records go in through a tokenizer whose "text" is the
   token ids, so ``encode_record`` gives back exactly the synthetic sequence;
-- mlx-lm: ``mlx_lm.tuner.utils.linear_to_lora_layers`` on its own OpenELM (``num_layers=-1``
-  is not how it counts; all layers are passed explicitly) and ``mlx_lm.tuner.trainer.train``
-  with the dataset in the ``(token ids, offset)`` form its ``iterate_batches`` expects.
+- mlx-lm: ``mlx_lm.tuner.utils.linear_to_lora_layers`` (``num_layers`` = all layers, ``keys``
+  = the four projections) on mlx-lm's own OpenELM holding the same arrays, and
+  ``mlx_lm.tuner.trainer.train`` (its compiled step, ``steps_per_report=1``) with the dataset
+  in the ``(token ids, offset)`` form its ``iterate_batches`` expects.
 
 Each trainer batches the data its own way (ours: length-bucketed, width rounded up to 8;
 mlx-lm: sorted by length, width 1 + a multiple of 32). ``tokens_per_sec`` counts the same thing
@@ -19,10 +20,14 @@ for both: real next-token targets (sum of length - 1 over the batch), over wall-
 between the trainers' per-step callbacks (data, step, logging: the whole loop).
 ``padded_tokens_per_sec`` counts every position computed, padding included.
 
-Noise: ``rounds`` rounds; in each, every contender runs ``warmup + steps`` fresh steps (new
-adapters, new optimizer, new compiled functions) and the last ``steps`` are timed; medians
-over rounds, ratios ours/mlx-lm are medians of per-round ratios. Peak memory is
-``mx.get_peak_memory()`` over a whole run (reset before it) and includes the shared weights.
+The data set holds ``steps`` batches of sequences. In each of ``rounds`` rounds every contender
+runs ``warmup + steps`` fresh steps (new adapters, optimizer and compiled functions; both loop
+over the data into further epochs) and the last ``steps`` are timed; medians over rounds, ratios
+ours/mlx-lm are medians of per-round ratios (the rounds run interleaved). Both trainers compile
+their step once per batch width met (ours rounds widths up to multiples of 8, mlx-lm to 32), so
+short runs also time compilation; with ``--warmup`` equal to ``--steps`` the timed steps are one
+whole second epoch in which every width is already compiled: steady-state training. Peak memory
+is ``mx.get_peak_memory()`` over a whole run (reset before it) and includes the shared weights.
 
 A correctness check runs first: with dropout 0, identical adapter weights and one batch, each
 model's loss and LoRA gradients under the other trainer's loss function must agree.
@@ -137,7 +142,7 @@ def check_same_training(checkpoint: Model, seqs: Sequence[List[int]], batch_size
     ours_batch = next(ours_data.iterate_batches(encoded, batch_size, shuffle=False))
     theirs_batch = next(theirs_batches([(s, 0) for s in batch], batch_size, max_seq_length=10**6))
 
-    def ours_loss(model):
+    def ours_loss(model):  # the loss our trainer differentiates
         s, n = ours_trainer.loss_sums(model, *ours_batch)
         return s / n
 
@@ -160,7 +165,8 @@ def check_same_training(checkpoint: Model, seqs: Sequence[List[int]], batch_size
         scale = max(mx.abs(v).max().item() for v in b.values())
         diffs.append(max(mx.abs(a[k] - b[k]).max().item() for k in a) / scale)
     out["model_grad_max_rel_diff"] = max(diffs)
-    # The two loss functions differ in which targets they count (see the report).
+    # mlx-lm's mask also counts the target after each sequence's last token (a padding id 0),
+    # so its first loss differs slightly from ours; each loss function agrees across the models.
     _, theirs_mask = _theirs_mask(*theirs_batch)
     out["ours_target_tokens"] = int(ours_batch[2].sum().item())
     out["mlx_lm_target_tokens"] = int(theirs_mask.sum().item())
@@ -212,11 +218,14 @@ def run_ours(checkpoint: Model, seqs, batch_size: int, warmup: int, steps: int, 
             stamps.append(time.perf_counter())
             tokens.append(metrics["tokens"])
 
-    # Positions computed per step: our trainer's batches (same function, seed and epoch), widened to PAD_MULTIPLE.
+    # Positions computed per step: our trainer's batches (same function, seed and epochs), widened to PAD_MULTIPLE.
     encoded = [(list(s), [1] * len(s)) for s in seqs]
-    for inputs, _, _ in ours_data.iterate_batches(encoded, batch_size, shuffle=True, seed=seed, epoch=0):
-        rows, width = inputs.shape
-        padded.append(rows * (width + -width % ours_trainer.PAD_MULTIPLE))
+    epoch = 0
+    while len(padded) < warmup + steps:
+        for inputs, _, _ in ours_data.iterate_batches(encoded, batch_size, shuffle=True, seed=seed, epoch=epoch):
+            rows, width = inputs.shape
+            padded.append(rows * (width + -width % ours_trainer.PAD_MULTIPLE))
+        epoch += 1
 
     model = ours_model(checkpoint)
     with tempfile.TemporaryDirectory() as tmp:
@@ -251,6 +260,7 @@ def run_mlx_lm(checkpoint: Model, seqs, batch_size: int, warmup: int, steps: int
             real, pad = pending.pop(0)
             tokens.append(real), padded.append(pad)
 
+    mx.random.seed(seed)
     model = mlx_lm_lora_model(checkpoint, DROPOUT)
     optimizer = optim.AdamW(learning_rate=LR, betas=list(BETAS), weight_decay=0.0)
     with tempfile.TemporaryDirectory() as tmp:
@@ -258,7 +268,7 @@ def run_mlx_lm(checkpoint: Model, seqs, batch_size: int, warmup: int, steps: int
             batch_size=batch_size, iters=warmup + steps, steps_per_report=1, steps_per_eval=10**9,
             steps_per_save=10**9, max_seq_length=10**6, adapter_file=str(Path(tmp) / "adapters.safetensors"),
         )
-        mx.random.seed(seed)
+        np.random.seed(seed)  # its iterate_batches shuffles with numpy's global generator
         _fresh()
         with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet):  # its progress display
             stamps.append(time.perf_counter())
@@ -284,8 +294,8 @@ def main() -> None:
 
     tic = time.perf_counter()
     checkpoint = bench.random_model(a.shape, "float32", seed=a.seed)
-    n_steps = a.warmup + a.steps
-    seqs = synthetic_sequences(a.batch_size * n_steps, checkpoint.args.vocab_size, a.min_len, a.max_len, a.seed)
+    # One epoch is `steps` batches: the timed window covers as many sequences as the data set holds.
+    seqs = synthetic_sequences(a.batch_size * a.steps, checkpoint.args.vocab_size, a.min_len, a.max_len, a.seed)
 
     check = check_same_training(checkpoint, seqs, a.batch_size)
     print(f"check: {json.dumps(check)}", file=sys.stderr, flush=True)
