@@ -385,7 +385,7 @@ def _delta(v) -> str:
 def _harness_table(model: str, report: dict):
     from rich.table import Table
 
-    from .paper import PAPER_METRIC, compare
+    from .paper import compare
 
     cmp = compare(report["results"], model)
     paper = f"OpenELM-{cmp['paper_model']}" if cmp["paper_model"] else None
