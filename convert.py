@@ -5,8 +5,9 @@
 Same options as ``mlx-openelm convert`` (``python convert.py --help``).
 """
 
-import mlx_openelm  # noqa: F401  (OpenBLAS before mlx)
-from mlx_openelm.convert import main
+import sys
+
+from mlx_openelm.cli import run
 
 if __name__ == "__main__":
-    main()
+    run("convert", sys.argv[1:])

@@ -35,7 +35,7 @@ from pathlib import Path
 import mlx_openelm  # noqa: F401  (OpenBLAS before mlx)
 import mlx.core as mx
 
-from mlx_openelm import bench
+from mlx_openelm.bench import core as bench
 
 CHECKPOINTS = {"float16": ("float16", None), "4bit": (None, 4)}  # None: --quantized-dtype
 

@@ -6,7 +6,7 @@ shapes by default), with AdamW (lr 3e-4, betas 0.9/0.95, no weight decay), ``bat
 sequences per optimizer step, on the same synthetic token sequences (lengths uniform in
 [min_len, max_len], fixed seed). Each trainer is driven through its public ``train`` function:
 
-- ours: ``mlx_openelm.lora.trainer.train`` (gradient accumulation 1, its defaults otherwise,
+- ours: ``mlx_openelm.train.loop.train`` (gradient accumulation 1, its defaults otherwise,
   including gradient clipping at 1.0); records go in through a tokenizer whose "text" is the
   token ids, so ``encode_record`` gives back exactly the synthetic sequence;
 - mlx-lm: ``mlx_lm.tuner.utils.linear_to_lora_layers`` (``num_layers`` = all layers, ``keys``
@@ -58,10 +58,10 @@ import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
-from mlx_openelm import bench
-from mlx_openelm.lora import data as ours_data
-from mlx_openelm.lora import trainer as ours_trainer
-from mlx_openelm.lora.adapters import DEFAULT_TARGETS, LoRAConfig, apply_adapters
+from mlx_openelm.bench import core as bench
+from mlx_openelm import data as ours_data
+from mlx_openelm.train import loop as ours_trainer
+from mlx_openelm.adapters import DEFAULT_TARGETS, LoRAConfig, apply_adapters
 from mlx_openelm.model import Model
 
 RANK, ALPHA, DROPOUT = 32, 32.0, 0.1

@@ -21,7 +21,7 @@ from mlx_lm.generate import generate_step, speculative_generate_step
 
 from mlx_openelm._backend import BLAS
 from mlx_openelm.config import ModelArgs
-from mlx_openelm.generation import prompt_lookup_generate_step
+from mlx_openelm.generate.stream import prompt_lookup_generate_step
 from mlx_openelm.model import Model, init_weights
 
 

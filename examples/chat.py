@@ -6,7 +6,7 @@
 import sys
 
 from mlx_openelm import load
-from mlx_openelm.generation import ChatSession
+from mlx_openelm import ChatSession
 
 model, tokenizer = load(sys.argv[1] if len(sys.argv) > 1 else "apple/OpenELM-270M-Instruct")
 chat = ChatSession(model, tokenizer, system="You are a concise assistant.")

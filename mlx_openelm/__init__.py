@@ -4,14 +4,26 @@ from ._backend import preload_openblas
 
 preload_openblas()  # must run before anything imports mlx.core
 
-__version__ = "0.1.0"
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("mlx-openelm")
+    except PackageNotFoundError:  # a plain source checkout (PYTHONPATH=.)
+        return "0+unknown"
+
+
+__version__ = _version()
 
 _LAZY = {
-    "load": "loading",
+    "load": "io.load",
     "ModelArgs": "config",
     "Model": "model",
-    "generate": "generation",
-    "stream_generate": "generation",
+    "generate": "generate.stream",
+    "stream_generate": "generate.stream",
+    "ChatSession": "generate.chat",
+    "SamplingConfig": "generate.sampling",
 }
 
 

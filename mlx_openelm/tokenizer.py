@@ -72,7 +72,6 @@ class Tokenizer:
         self.chat_template = chat_template
         self._specials = {self._pieces[i]: i for i in (self.bos_id, self.eos_id, self.unk_id) if i >= 0}
         self._special_re = re.compile("(" + "|".join(re.escape(s) for s in self._specials) + ")")
-        self._detokenizer = SPMStreamingDetokenizer(self)
 
     # -- what SPMStreamingDetokenizer needs
     def __len__(self) -> int:
@@ -129,9 +128,9 @@ class Tokenizer:
 
     @property
     def detokenizer(self):
-        """A fresh streaming detokenizer (mlx-lm's SentencePiece one)."""
-        self._detokenizer.reset()
-        return self._detokenizer
+        """A new streaming detokenizer (mlx-lm's SentencePiece one) for each stream, so concurrent
+        streams never share state."""
+        return SPMStreamingDetokenizer(self)
 
     def apply_chat_template(self, messages: Sequence[Dict[str, str]], add_generation_prompt: bool = True) -> str:
         return render_chat(messages, add_generation_prompt, eos_token=self._pieces[self.eos_id])

@@ -15,7 +15,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from conftest import tiny_args
-from mlx_openelm.lora.adapters import (
+from mlx_openelm.adapters import (
     DEFAULT_TARGETS,
     DoRALinear,
     LoRAConfig,

@@ -16,7 +16,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from mlx_openelm import bench
+from mlx_openelm.bench import core as bench
 from mlx_openelm.model import Model, RMSNorm
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -101,7 +101,7 @@ def test_cli_table_and_default_chart_name(tmp_path, monkeypatch, capsys):
 @pytest.mark.parametrize("args, message", [
     (["--shape", "9B"], "unknown --shape"),
     ([], "either --model or --shape"),
-    (["--shape", "tiny", "-q", "7"], "--quantize 7"),
+    (["--shape", "tiny", "-q", "7"], "bits=7"),
     (["--shape", "tiny", "--prompt-tokens", "2040", "--gen-tokens", "20"], "2048-token context"),
 ])
 def test_cli_bad_input_is_one_line(args, message, capsys):
@@ -144,7 +144,8 @@ def test_mlx_lm_twin_shares_weights_and_computes_the_same():
 @pytest.mark.parametrize("bits", [None, 4])
 def test_as_loaded_matches_the_loader(tmp_path, sp_model_path, bits):
     """Random-weight runs must see what loading.load_model would make of the same checkpoint."""
-    from mlx_openelm.loading import load_model, save_model
+    from mlx_openelm.io.folder import save_model
+    from mlx_openelm.io.load import load_model
 
     ckpt = bench.random_model("tiny", "float16", quantize=bits, seed=2)
     folder = save_model(tmp_path / "ckpt", ckpt, {}, sp_model_path)
@@ -196,7 +197,7 @@ def test_naive_and_fused_rmsnorm_agree():
 
 def test_bench_on_a_model_folder(tmp_path, sp_model_path):
     from conftest import tiny_args
-    from mlx_openelm.loading import save_model
+    from mlx_openelm.io.folder import save_model
     from mlx_openelm.model import init_weights
 
     folder = save_model(tmp_path / "tiny-mlx", init_weights(Model(tiny_args()), 0), {}, sp_model_path)

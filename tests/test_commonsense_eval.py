@@ -14,7 +14,7 @@ import mlx.core as mx
 from conftest import _corpus, tiny_args
 from test_data import EVAL_NO_INPUT, TRAIN_NO_INPUT, fake_hub_cache, offline_hub  # noqa: F401
 
-from mlx_openelm.lora import evaluate as E
+from mlx_openelm.eval import commonsense as E
 from mlx_openelm.model import Model, init_weights
 from mlx_openelm.tokenizer import Tokenizer
 

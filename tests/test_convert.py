@@ -17,9 +17,8 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_map
 
 from conftest import hf_config, logits, max_diff, tiny_args, write_hf_checkpoint
-from mlx_openelm import loading
-from mlx_openelm.convert import convert
-from mlx_openelm.loading import load_model
+from mlx_openelm.io.convert import convert
+from mlx_openelm.io.load import load_model
 from mlx_openelm.model import Model, init_weights
 from mlx_openelm.tokenizer import CHAT_TEMPLATE
 
@@ -91,7 +90,9 @@ def test_sharded_source_and_sharded_output(tmp_path, sp_model_path, monkeypatch)
     model = write_hf_checkpoint(src, tiny_args(), seed=1)
     (src / "model.safetensors").unlink()
     _write_two_shards(src, model)
-    monkeypatch.setattr(loading, "MAX_SHARD_BYTES", 600_000)  # force several output shards
+    from mlx_openelm.io import folder
+
+    monkeypatch.setattr(folder, "MAX_SHARD_BYTES", 600_000)  # force several output shards
     out = convert(str(src), tmp_path / "out", dtype="float32", tokenizer=str(sp_model_path))
     files = sorted(p.name for p in out.glob("*.safetensors"))
     assert len(files) > 1 and files[0] == f"model-00001-of-{len(files):05d}.safetensors"
@@ -299,7 +300,7 @@ def test_existing_output_needs_force_and_failure_keeps_it(hf_checkpoint, sp_mode
     out.mkdir()
     (out / "keep.txt").write_text("mine")
     code, err = _cli(["--hf", src, "--mlx-path", out, "--tokenizer", sp_model_path], capsys)
-    assert code == 1 and "--force" in err and len(err.strip().splitlines()) == 1
+    assert code == 1 and "force" in err and len(err.strip().splitlines()) == 1
     assert (out / "keep.txt").read_text() == "mine"
 
     def fail_midway(name, i, n):

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import mlx_openelm  # noqa: F401
-from mlx_openelm.lora import data as D
+from mlx_openelm import data as D
 from mlx_openelm.tokenizer import Tokenizer
 
 # Literal copies of LLM-Adapters (commit 8166572) finetune.py / commonsense_evaluate.py prompts.

@@ -19,10 +19,10 @@ import mlx_openelm  # noqa: F401  (OpenBLAS before mlx)
 import mlx.core as mx
 
 from conftest import tiny_args, write_hf_checkpoint
-from mlx_openelm.loading import load
-from mlx_openelm.lora.adapters import LoRAConfig
-from mlx_openelm.lora.data import load_train_data, split_train_val
-from mlx_openelm.lora.trainer import TrainingArgs, train
+from mlx_openelm.io.load import load
+from mlx_openelm.adapters import LoRAConfig
+from mlx_openelm.data import load_train_data, split_train_val
+from mlx_openelm.train.loop import TrainingArgs, train
 from test_trainer import colour_task, task_spm_path  # noqa: F401  (fixture)
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -16,9 +16,9 @@ import mlx.nn as nn
 
 from conftest import tiny_args, write_hf_checkpoint
 from mlx_openelm.cli import main
-from mlx_openelm.convert import convert
-from mlx_openelm.loading import load, load_model
-from mlx_openelm.lora.adapters import DoRALinear, LoRAConfig, LoRAEmbedding, LoRALinear, apply_adapters, load_adapters, save_adapters
+from mlx_openelm.io.convert import convert
+from mlx_openelm.io.load import load, load_model
+from mlx_openelm.adapters import DoRALinear, LoRAConfig, LoRAEmbedding, LoRALinear, apply_adapters, load_adapters, save_adapters
 
 TOKENS = mx.array([[1, 5, 9, 33, 100, 7, 250, 383, 2, 64], [1, 17, 42, 300, 5, 9, 2, 77, 120, 3]])
 
@@ -231,7 +231,7 @@ def test_bad_input_is_one_line_and_leaves_nothing(bases, tmp_path, capsys, case,
     elif case == "exists":
         save.mkdir(parents=True)
         (save / "keep.txt").write_text("mine")
-        message = "--force"
+        message = "force"
     elif case == "model-folder":
         save, message, extra = f32, "would replace the model folder", ["--force"]
     elif case == "bad-layers":

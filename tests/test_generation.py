@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 
 from conftest import tiny_args
-from mlx_openelm.generation import ChatSession, find_draft, generate, stream_generate
+from mlx_openelm.generate.chat import ChatSession
+from mlx_openelm.generate.stream import find_draft, generate, stream_generate
 from mlx_openelm.model import Model, init_weights
 from mlx_openelm.tokenizer import Tokenizer, render_chat
 

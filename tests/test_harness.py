@@ -13,7 +13,7 @@ import mlx_openelm  # noqa: F401  (OpenBLAS before mlx)
 import mlx.core as mx
 
 from conftest import tiny_args, write_hf_checkpoint
-from mlx_openelm.generation import generate
+from mlx_openelm.generate.stream import generate
 from mlx_openelm.model import Model, init_weights
 from mlx_openelm.tokenizer import Tokenizer
 
@@ -22,8 +22,8 @@ from lm_eval.api.instance import Instance  # noqa: E402
 from lm_eval.api.model import TemplateLM  # noqa: E402
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window  # noqa: E402
 
-from mlx_openelm import paper  # noqa: E402
-from mlx_openelm.harness import OpenELMLM, encode_pair, score_tokens  # noqa: E402
+from mlx_openelm.eval import paper  # noqa: E402
+from mlx_openelm.eval.harness import OpenELMLM, encode_pair, score_tokens  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -191,7 +191,9 @@ def test_paper_rows_and_comparison(tmp_path):
     assert cmp["average"]["paper"] == 54.37
     partial = paper.compare({"boolq": {"acc": 0.5}}, "apple/OpenELM-270M")
     assert partial["average"]["paper"] is None and partial["rows"][0]["paper"] == 53.98
-    out = paper.write_json(tmp_path / "sub" / "r.json", {"a": 1})
+    from mlx_openelm.utils import write_json
+
+    out = write_json(tmp_path / "sub" / "r.json", {"a": 1})
     assert json.loads(out.read_text()) == {"a": 1} and [p.name for p in out.parent.iterdir()] == ["r.json"]
 
 
@@ -226,11 +228,11 @@ def test_eval_command_runs_a_local_lm_eval_task(tmp_path, sp_model_path, monkeyp
     folder = tmp_path / "OpenELM-tiny"
     model = write_hf_checkpoint(folder, tiny_args(), seed=5, tokenizer=sp_model_path)
     try:
-        from mlx_openelm.loading import load
+        from mlx_openelm.io.load import load
 
         load(folder)
     except ImportError as e:
-        pytest.skip(f"mlx_openelm.loading cannot load a model folder yet ({e})")
+        pytest.skip(f"mlx_openelm.io.load cannot load a model folder yet ({e})")
     tok = Tokenizer(sp_model_path)
     tasks = tmp_path / "tasks"
     tasks.mkdir()

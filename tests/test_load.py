@@ -16,8 +16,9 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_map
 
 from conftest import TOKENS, hf_config, logits, max_diff, tiny_args, write_hf_checkpoint
-from mlx_openelm.convert import convert
-from mlx_openelm.loading import export_hf, load, load_model, resolve_model_path, save_model
+from mlx_openelm.io.convert import convert
+from mlx_openelm.io.folder import export_hf, save_model
+from mlx_openelm.io.load import load, load_model, resolve_model_path
 from mlx_openelm.tokenizer import CHAT_TEMPLATE, Tokenizer
 
 def float_dtypes(model) -> set:
@@ -95,7 +96,7 @@ def test_local_folders_resolve_as_is_or_convert_once_into_the_cache(tmp_path, sp
 
 
 def test_load_applies_adapters(converted, tmp_path):
-    from mlx_openelm.lora.adapters import LoRAConfig, apply_adapters, save_adapters
+    from mlx_openelm.adapters import LoRAConfig, apply_adapters, save_adapters
 
     folder, _ = converted
     adapted = load_model(folder)
@@ -159,7 +160,7 @@ def test_export_hf_round_trip(converted, tmp_path, sp_model_path):
 
 HUB_SCRIPT = """
 import json, sys
-from mlx_openelm.loading import load, resolve_model_path
+from mlx_openelm.io.load import load, resolve_model_path
 sp = sys.argv[1]
 ready = resolve_model_path("mlx-community/OpenELM-tiny-4bit")
 model, tok = load("apple/OpenELM-270M", tokenizer=sp)

@@ -19,10 +19,10 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_map
 
 from conftest import tiny_args
-from mlx_openelm.lora.adapters import ADAPTER_TYPES, LoRAConfig, apply_adapters, load_adapters
-from mlx_openelm.lora.data import generate_prompt
-from mlx_openelm.lora.evaluate import evaluate
-from mlx_openelm.lora.trainer import (
+from mlx_openelm.adapters import ADAPTER_TYPES, LoRAConfig, apply_adapters, load_adapters
+from mlx_openelm.data import generate_prompt
+from mlx_openelm.eval.commonsense import evaluate
+from mlx_openelm.train.loop import (
     METRICS_FILE,
     TrainingArgs,
     TrainingCallback,
@@ -192,7 +192,7 @@ def test_resume_continues_with_the_same_losses(tmp_path, task_tokenizer):
 def test_resume_depends_on_the_restored_random_state(tmp_path, task_tokenizer, monkeypatch):
     """Control for the resume test: resuming without restoring the PRNG key (dropout masks) does
     not reproduce the uninterrupted losses, so that test really checks the saved random state."""
-    from mlx_openelm.lora import trainer
+    from mlx_openelm.train import loop as trainer
 
     train_set, val_set = colour_task(n_train_per_word=5, n_test_per_word=1)
     train(tiny_model(), task_tokenizer, train_set, [], resume_args(tmp_path / "full"))
@@ -353,7 +353,7 @@ def test_batch_must_split_over_processes():
 
 
 def test_cli_defaults_are_the_library_defaults():
-    from mlx_openelm import cli
+    from mlx_openelm.cli import train as cli
 
     defaults = {name: p.default.default for name, p in inspect.signature(cli.lora).parameters.items()}
     args, config = TrainingArgs(), LoRAConfig()

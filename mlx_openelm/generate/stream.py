@@ -4,18 +4,17 @@ decoding, with OpenELM's tokenizer, context limit and multi-turn cache reuse."""
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Union
+from typing import Any, Iterator, List, Optional, Sequence, Union
 
 import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.generate import GenerationResponse, generate_step, speculative_generate_step
 from mlx_lm.models.cache import make_prompt_cache, trim_prompt_cache
-from mlx_lm.sample_utils import make_logits_processors, make_sampler
 
-from .tokenizer import Tokenizer
+from ..tokenizer import Tokenizer
+from .sampling import SamplingConfig
 
-__all__ = ["GenerationResponse", "ChatSession", "stream_generate", "generate", "make_sampler"]
+__all__ = ["GenerationResponse", "stream_generate", "generate", "find_draft", "prompt_lookup_generate_step"]
 
 
 def _context_length(model: nn.Module) -> int:
@@ -90,41 +89,24 @@ def prompt_lookup_generate_step(
         pending = [history[-1]]
 
 
-@dataclass
-class GenerationStats:
-    prompt_tokens: int = 0
-    prompt_tps: float = 0.0
-    generation_tokens: int = 0
-    generation_tps: float = 0.0
-    peak_memory_gb: float = 0.0
-    drafted_accepted: int = 0
-    finish_reason: Optional[str] = None
-    extra: Dict[str, Any] = field(default_factory=dict)
-
-
 def stream_generate(
     model: nn.Module,
     tokenizer: Tokenizer,
     prompt: Union[str, Sequence[int]],
     *,
     max_tokens: int = 256,
-    temp: float = 0.0,
-    top_p: float = 0.0,
-    top_k: int = 0,
-    min_p: float = 0.0,
-    repetition_penalty: Optional[float] = None,
-    repetition_context_size: int = 20,
-    seed: Optional[int] = None,
+    sampling: Optional[SamplingConfig] = None,
     prompt_cache: Optional[List[Any]] = None,
     draft_model: Optional[nn.Module] = None,
     num_draft_tokens: int = 3,
     prompt_lookup: int = 0,
     stop_at_eos: bool = True,
+    **sampling_options: Any,
 ) -> Iterator[GenerationResponse]:
     """Generate from ``prompt`` (text, encoded with BOS, or token ids), yielding text segments.
 
-    Sampling: ``temp == 0`` is greedy; ``top_p``/``top_k``/``min_p`` filter as mlx-lm's sampler;
-    ``repetition_penalty`` (the model card uses 1.2) looks back ``repetition_context_size`` tokens.
+    Sampling: a ``SamplingConfig`` or its fields as keywords (``temp=0`` greedy, ``top_p``, ``top_k``,
+    ``min_p``, ``repetition_penalty`` — the model card uses 1.2 —, ``seed``, ...).
     Decoding: ``draft_model`` enables speculative decoding (same tokenizer), ``prompt_lookup=N``
     drafts N tokens from the context. ``prompt_cache`` (from ``model.make_cache()``) is extended in
     place, so a later call can continue after what this one saw.
@@ -132,8 +114,11 @@ def stream_generate(
     The context is ``max_context_length`` tokens (2048): a prompt that does not fit raises
     ``ValueError``; generation stops at the limit with ``finish_reason == "context"``.
     """
+    if sampling is not None and sampling_options:
+        raise ValueError("give either sampling=SamplingConfig(...) or its fields as keywords, not both")
+    sampling = sampling or SamplingConfig(**sampling_options)
     if max_tokens <= 0:
-        raise ValueError("max_tokens must be positive")
+        raise ValueError(f"max_tokens={max_tokens} must be positive")
     if draft_model is not None and prompt_lookup:
         raise ValueError("choose either a draft model or prompt lookup, not both")
     ids = tokenizer.encode(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
@@ -148,10 +133,10 @@ def stream_generate(
     budget = min(max_tokens, limit - cached - len(ids))
     if budget <= 0:
         raise ValueError(f"no room to generate: the context ({limit} tokens) is full; shorten the prompt (or /reset the chat)")
-    if seed is not None:
-        mx.random.seed(seed)
-    sampler = make_sampler(temp=temp, top_p=top_p, min_p=min_p, top_k=top_k)
-    processors = make_logits_processors(repetition_penalty=repetition_penalty, repetition_context_size=repetition_context_size)
+    if sampling.seed is not None:
+        mx.random.seed(sampling.seed)
+    sampler = sampling.sampler()
+    processors = sampling.logits_processors()
     prompt_arr = mx.array(ids, mx.uint32)
 
     if draft_model is not None:
@@ -206,48 +191,3 @@ def stream_generate(
 def generate(model: nn.Module, tokenizer: Tokenizer, prompt: Union[str, Sequence[int]], **kwargs) -> str:
     """Generate and return the whole text; takes the options of :func:`stream_generate`."""
     return "".join(r.text for r in stream_generate(model, tokenizer, prompt, **kwargs))
-
-
-class ChatSession:
-    """A multi-turn chat that keeps one KV cache across turns.
-
-    Each turn renders the whole conversation with the -Instruct template, finds how many of its
-    tokens the cache already holds, trims the cache to that common prefix and feeds only the rest,
-    so earlier turns are never prefilled again.
-    """
-
-    def __init__(self, model: nn.Module, tokenizer: Tokenizer, system: Optional[str] = None):
-        self.model, self.tokenizer, self.system = model, tokenizer, system
-        self.reset()
-
-    def reset(self) -> None:
-        self.messages: List[Dict[str, str]] = [{"role": "system", "content": self.system}] if self.system else []
-        self.cache = make_prompt_cache(self.model)
-        self.cache_tokens: List[int] = []
-
-    def reply(self, user_message: str, **kwargs) -> Iterator[GenerationResponse]:
-        """Stream the assistant's answer to ``user_message``; the options of :func:`stream_generate`.
-        If the consumer stops early (Ctrl-C), the partial answer is kept as the assistant's turn."""
-        self.messages.append({"role": "user", "content": user_message})
-        ids = self.tokenizer.encode(self.tokenizer.apply_chat_template(self.messages))
-        common = 0
-        for a, b in zip(self.cache_tokens, ids):
-            if a != b:
-                break
-            common += 1
-        common = min(common, len(ids) - 1)  # at least one token must be fed
-        trim_prompt_cache(self.cache, self.cache[0].offset - common)
-        new = ids[common:]
-        generated: List[int] = []
-        text = []
-        try:
-            for r in stream_generate(self.model, self.tokenizer, new, prompt_cache=self.cache, **kwargs):
-                if r.token is not None:
-                    generated.append(r.token)  # EOS included: the template renders it after the answer
-                text.append(r.text)
-                r.prompt_tokens = len(new)
-                r.cached_tokens = common
-                yield r
-        finally:
-            self.messages.append({"role": "assistant", "content": "".join(text)})
-            self.cache_tokens = (ids + generated)[: self.cache[0].offset]

@@ -1,4 +1,4 @@
-"""Convert OpenELM checkpoints into MLX model folders (see ``loading`` for the layout).
+"""Convert OpenELM checkpoints into MLX model folders (see ``io.folder`` for the layout).
 
 Sources: an ``apple/OpenELM-*`` Hugging Face repo or folder (``model.safetensors``, sharded
 safetensors with an index, or ``pytorch_model.bin``), or a CoreNet ``.pt`` with its training
@@ -12,24 +12,22 @@ import json
 import re
 import warnings
 from pathlib import Path
-from typing import Annotated, Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import mlx.core as mx
 import mlx.nn as nn
-import typer
 from mlx.utils import tree_flatten
 
-from .config import ModelArgs
-from .loading import (
-    DTYPE_NAMES,
-    DTYPES,
+from ..config import ModelArgs
+from ..model import Model
+from ..tokenizer import Tokenizer
+from ..utils import Progress, atomic_folder, check_destination, first_line
+from ..weights import DTYPE_NAMES, DTYPES, QUANT_BITS, QUANT_GROUP_SIZES
+from .folder import (
     MARKER,
     TOKENIZER_FILES,
-    Progress,
     WeightItem,
     arch_config,
-    atomic_folder,
-    check_destination,
     has_tokenizer,
     read_config,
     tokenizer_sources,
@@ -37,12 +35,9 @@ from .loading import (
     write_tokenizer,
     write_weights,
 )
+from .hub import download, is_repo_id
 
 LLAMA_TOKENIZER_REPO = "meta-llama/Llama-2-7b-hf"
-HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer.model"]
-BIN_PATTERNS = ["pytorch_model*.bin"]
-QUANT_BITS = (2, 3, 4, 5, 6, 8)
-QUANT_GROUP_SIZES = (32, 64, 128)
 # Buffers some exporters save that are not parameters (RoPE frequencies, causal mask).
 NON_PARAMETERS = re.compile(r"(^|\.)(inv_freq|causal_mask)$")
 SAFETENSORS_DTYPES = {"F32": mx.float32, "F16": mx.float16, "BF16": mx.bfloat16}
@@ -53,51 +48,6 @@ NO_TOKENIZER = (
     "or pass --tokenizer PATH (a tokenizer.model or a folder with one), or use a ready conversion "
     "that ships a tokenizer such as mlx-community/OpenELM-270M-Instruct"
 )
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
-
-
-# ---------------------------------------------------------------- the Hugging Face Hub
-
-
-def is_repo_id(text: str) -> bool:
-    return re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", str(text)) is not None
-
-
-def _hub_error(repo: str, e: Exception, revision: Optional[str] = None) -> ValueError:
-    from huggingface_hub import errors
-
-    if isinstance(e, errors.GatedRepoError):
-        msg = f"{repo} is gated: accept its licence at https://huggingface.co/{repo} and log in (`huggingface-cli login` or HF_TOKEN)"
-    elif isinstance(e, errors.RepositoryNotFoundError):
-        msg = f"{repo} was not found on the Hugging Face Hub (if it is private, log in with `huggingface-cli login` or set HF_TOKEN)"
-    elif isinstance(e, errors.RevisionNotFoundError):
-        msg = f"{repo} has no revision {revision!r}"
-    elif isinstance(e, (errors.LocalEntryNotFoundError, errors.OfflineModeIsEnabled)):
-        msg = (
-            f"{repo} is not in the local Hugging Face cache and the Hub cannot be reached (offline or "
-            "HF_HUB_OFFLINE=1); connect once to download it, or give a local folder"
-        )
-    else:
-        msg = f"cannot download {repo} from the Hugging Face Hub: {_first_line(e)}"
-    return ValueError(msg)
-
-
-def download(repo: str, revision: Optional[str] = None, patterns: Sequence[str] = tuple(HUB_PATTERNS)) -> Path:
-    """Snapshot of the files of ``repo`` that conversion needs (HF cache; honours HF_HUB_OFFLINE,
-    HF_TOKEN); ``pytorch_model*.bin`` only when the repo has no safetensors."""
-    from huggingface_hub import snapshot_download
-
-    try:
-        folder = Path(snapshot_download(repo, revision=revision, allow_patterns=list(patterns)))
-        if not any(folder.glob("*.safetensors")) and patterns == tuple(HUB_PATTERNS):
-            folder = Path(snapshot_download(repo, revision=revision, allow_patterns=HUB_PATTERNS + BIN_PATTERNS))
-    except Exception as e:  # the hub library raises many kinds; all become one line
-        raise _hub_error(repo, e, revision) from None
-    return folder
 
 
 def _local_or_download(text: str, revision: Optional[str]) -> Path:
@@ -146,7 +96,7 @@ def safetensors_source(files: Sequence[Path]) -> Source:
                     dtypes[name] = SAFETENSORS_DTYPES.get(s.get_dtype(), s.get_dtype())
                     where[name] = (f, key)
         except (SafetensorError, OSError) as e:
-            raise ValueError(f"{f.name} is truncated or corrupt ({_first_line(e)}); download it again") from None
+            raise ValueError(f"{f.name} is truncated or corrupt ({first_line(e)}); download it again") from None
     opened: Dict[Path, Dict[str, mx.array]] = {}
 
     def read(name: str) -> mx.array:
@@ -184,7 +134,7 @@ def torch_source(files: Sequence[Path], kind: str) -> Source:
             except RuntimeError:  # the legacy (non-zip) format cannot be memory-mapped
                 loaded = torch.load(str(f), map_location="cpu", weights_only=True)
         except Exception as e:  # pickle, zip and torch errors alike
-            raise ValueError(f"cannot read {f.name} ({_first_line(e)}); is it a complete PyTorch state dict?") from None
+            raise ValueError(f"cannot read {f.name} ({first_line(e)}); is it a complete PyTorch state dict?") from None
         loaded = _unwrap_state_dict(loaded)
         if not isinstance(loaded, dict):
             raise ValueError(f"{f.name} holds a {type(loaded).__name__}, not a state dict")
@@ -213,7 +163,7 @@ def open_hf(folder: Path) -> Tuple[ModelArgs, Source]:
     try:
         args = ModelArgs.from_dict(config)
     except (TypeError, ValueError) as e:
-        raise ValueError(f"{folder}/config.json: {_first_line(e)}") from None
+        raise ValueError(f"{folder}/config.json: {first_line(e)}") from None
     files = weight_files(folder)
     if files:
         return args, safetensors_source(files)
@@ -238,7 +188,7 @@ def open_corenet(ckpt: Path, yaml_path: Path) -> Tuple[ModelArgs, Source, Dict[s
     try:
         block = yaml.safe_load(yaml_path.read_text())["model"]["language_modeling"]["general_gpt"]
     except yaml.YAMLError as e:
-        raise ValueError(f"{yaml_path} is not valid YAML ({_first_line(e)})") from None
+        raise ValueError(f"{yaml_path} is not valid YAML ({first_line(e)})") from None
     except (KeyError, TypeError):
         raise ValueError(f"{yaml_path} has no model.language_modeling.general_gpt block; give the checkpoint's CoreNet training YAML") from None
     block = dict(block)
@@ -251,7 +201,7 @@ def open_corenet(ckpt: Path, yaml_path: Path) -> Tuple[ModelArgs, Source, Dict[s
         else:
             args = ModelArgs.from_dict(block)
     except (TypeError, ValueError) as e:
-        raise ValueError(f"{yaml_path}: {_first_line(e)}") from None
+        raise ValueError(f"{yaml_path}: {first_line(e)}") from None
     extra = {"source_vocab_size": args.vocab_size, "padding_index": padding_index}
     return args, torch_source([ckpt], "corenet"), extra, model_name or ckpt.stem
 
@@ -280,21 +230,19 @@ def resolve_tokenizer(explicit: Optional[str], source_dir: Optional[Path]) -> Li
     except errors.GatedRepoError:
         raise ValueError(NO_TOKENIZER.format(reason="access denied: licence not accepted or not logged in")) from None
     except Exception as e:
-        raise ValueError(NO_TOKENIZER.format(reason=_first_line(e))) from None
+        raise ValueError(NO_TOKENIZER.format(reason=first_line(e))) from None
     if not (folder / "tokenizer.model").is_file():
         raise ValueError(NO_TOKENIZER.format(reason="the download has no tokenizer.model"))
     return [folder / "tokenizer.model"]
 
 
 def _tokenizer_vocab(files: Sequence[Path]) -> int:
-    from .tokenizer import Tokenizer
-
     model_files = [f for f in files if f.suffix == ".model"]
     target = model_files[0] if model_files else files[0].parent
     try:
         return Tokenizer(target).vocab_size
     except Exception as e:  # sentencepiece/tokenizers parse errors
-        raise ValueError(f"cannot read the tokenizer {target} ({_first_line(e)})") from None
+        raise ValueError(f"cannot read the tokenizer {target} ({first_line(e)})") from None
 
 
 # ---------------------------------------------------------------- conversion
@@ -410,8 +358,6 @@ def convert(
             stacklevel=2,
         )
 
-    from .model import Model  # here: it imports mlx-lm, slow to load, not needed for early errors
-
     model = Model(args)  # lazy: only shapes are used, no memory for weights
     expected = {k: tuple(v.shape) for k, v in tree_flatten(model.parameters())}
     check_tensors(expected, source)
@@ -436,7 +382,7 @@ def convert(
     config = {**arch_config(out_args), "dtype": DTYPE_NAMES[stored]}
     if quantize:
         config["quantization"] = {"group_size": q_group_size, "bits": q_bits, "mode": "affine"}
-    from . import __version__
+    from .. import __version__
 
     config[MARKER] = {"version": __version__, "source": name, "source_format": source.kind}
     if revision:
@@ -448,56 +394,3 @@ def convert(
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
         write_tokenizer(tmp, tok_files, "Instruct" in short_name, out_args.max_context_length)
     return dest
-
-
-# ---------------------------------------------------------------- command line
-# Typer builds the options from this signature; the command is registered in cli.py.
-
-def convert_command(
-    hf: Annotated[Optional[str], typer.Option("--hf", help="Hugging Face repo id (apple/OpenELM-270M) or local folder.")] = None,
-    mlx_path: Annotated[Optional[Path], typer.Option("--mlx-path", help="Output folder (default: mlx_model/<name>).")] = None,
-    dtype: Annotated[str, typer.Option(help="float16, bfloat16 or float32 (use bfloat16 for 3B).")] = "float16",
-    quantize: Annotated[bool, typer.Option("-q", "--quantize", help="Quantize linear layers and the embedding.")] = False,
-    q_bits: Annotated[int, typer.Option("--q-bits", help="Bits per weight: 4 or 8 (2, 3, 5, 6 also work).")] = 4,
-    q_group_size: Annotated[int, typer.Option("--q-group-size", help="Quantization group size: 32, 64 or 128.")] = 64,
-    tokenizer: Annotated[Optional[str], typer.Option(help="tokenizer.model, a folder with one, or a hub repo (default: the source's, else meta-llama/Llama-2-7b-hf).")] = None,
-    revision: Annotated[Optional[str], typer.Option(help="Hub revision (branch, tag or commit).")] = None,
-    corenet: Annotated[Optional[Path], typer.Option(help="CoreNet checkpoint (.pt) instead of --hf.")] = None,
-    corenet_config: Annotated[Optional[Path], typer.Option("--corenet-config", help="The CoreNet training YAML of --corenet.")] = None,
-    force: Annotated[bool, typer.Option(help="Replace an existing output folder.")] = False,
-):
-    """Convert an OpenELM checkpoint (Hugging Face or CoreNet) into an MLX model folder."""
-    from rich.console import Console
-    from rich.markup import escape
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    err = Console(stderr=True, soft_wrap=True, highlight=False)
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    with warnings.catch_warnings(), Progress(*columns, console=err, transient=True, disable=not err.is_terminal) as bar:
-        warnings.simplefilter("always", UserWarning)
-        warnings.showwarning = lambda message, *a, **k: bar.console.print(f"[yellow]warning:[/yellow] {escape(str(message))}")
-        task = bar.add_task("converting", total=None)
-        out = convert(
-            hf,
-            mlx_path,
-            dtype=dtype,
-            quantize=quantize,
-            q_bits=q_bits,
-            q_group_size=q_group_size,
-            tokenizer=tokenizer,
-            revision=revision,
-            corenet=corenet,
-            corenet_config=corenet_config,
-            force=force,
-            progress=lambda name, i, n: bar.update(task, completed=i, total=n, description=name),
-        )
-    Console(soft_wrap=True, highlight=False).print(f"[green]Saved[/green] {escape(str(out))}")
-
-
-def main() -> None:
-    """Entry point of the top-level ``convert.py``: ``mlx-openelm convert`` with the same options."""
-    import sys
-
-    from .cli import main as cli_main
-
-    cli_main(["convert", *sys.argv[1:]])

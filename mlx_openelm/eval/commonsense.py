@@ -24,9 +24,8 @@ import mlx.core as mx
 import numpy as np
 from mlx_lm.models.cache import BatchKVCache
 
-from mlx_openelm.scoring import encode_pair, score_tokens
-
-from .data import EVAL_FIELDS, PAD_ID, generate_prompt, load_records
+from ..data import EVAL_FIELDS, PAD_ID, generate_prompt, load_records
+from ..scoring import encode_pair, score_tokens
 
 TASKS = ("boolq", "piqa", "social_i_qa", "hellaswag", "winogrande", "ARC-Easy", "ARC-Challenge", "openbookqa")
 PROTOCOLS = ("loglikelihood", "generate")

@@ -12,9 +12,12 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
+
+if TYPE_CHECKING:
+    import mlx.core as mx
 
 TRAIN_TEMPLATE = (
     "Below is an instruction that describes a task. Write a response that appropriately completes the request.  \n\n"

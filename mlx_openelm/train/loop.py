@@ -35,8 +35,9 @@ import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten, tree_map, tree_map_with_path
 
-from .adapters import ADAPTER_TYPES, LoRAConfig, apply_adapters, save_adapters
-from .data import encode_record, iterate_batches
+from ..adapters import ADAPTER_TYPES, LoRAConfig, apply_adapters, save_adapters
+from ..data import encode_record, iterate_batches
+from ..utils import write_json, write_text
 
 CHECKPOINTS_DIR = "checkpoints"
 METRICS_FILE = "metrics.jsonl"
@@ -259,21 +260,6 @@ def latest_checkpoint(output_dir) -> Optional[Path]:
     return found[-1] if found else None
 
 
-def _write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}-")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _write_json(path: Path, obj: Any) -> None:
-    _write_text(path, json.dumps(obj, indent=2) + "\n")
-
-
 def _random_key() -> List[int]:
     return [int(v) for v in np.array(mx.random.state[0]).tolist()]
 
@@ -290,7 +276,7 @@ def _save_checkpoint(out: Path, step: int, model, optimizer, state: Dict[str, An
     try:
         save_adapters(tmp, model, args.adapter)
         mx.save_safetensors(str(tmp / OPTIMIZER_FILE), dict(tree_flatten(optimizer.state)))
-        _write_json(tmp / STATE_FILE, state)
+        write_json(tmp / STATE_FILE, state)
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -311,7 +297,7 @@ def _restore_tree(tree, flat: Dict[str, mx.array], what: str):
 
 
 def _load_checkpoint(folder: Path, model, optimizer) -> None:
-    from .adapters import ADAPTERS_FILE
+    from ..adapters import ADAPTERS_FILE
 
     model.update(_restore_tree(model.trainable_parameters(), mx.load(str(folder / ADAPTERS_FILE)), str(folder / ADAPTERS_FILE)))
     optimizer.init(model.trainable_parameters())
@@ -334,7 +320,7 @@ def _truncate_metrics(path: Path, step: int) -> None:
     """Drop the lines an interrupted run wrote after the checkpoint it resumes from."""
     if path.exists():
         keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
-        _write_text(path, "".join(line + "\n" for line in keep))
+        write_text(path, "".join(line + "\n" for line in keep))
 
 
 # -- data --------------------------------------------------------------------------------------
@@ -465,7 +451,7 @@ def train(model, tokenizer, train_set: Sequence[dict], val_set: Sequence[dict], 
             _truncate_metrics(out / METRICS_FILE, start_step)
     if lead:
         out.mkdir(parents=True, exist_ok=True)
-        _write_json(out / ARGS_FILE, args.to_dict())
+        write_json(out / ARGS_FILE, args.to_dict())
 
     loss_and_grad = nn.value_and_grad(model, loss_sums)
     state = [model.state, optimizer.state, mx.random.state]

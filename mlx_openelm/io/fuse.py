@@ -13,18 +13,12 @@ from typing import Union
 
 import mlx.nn as nn
 
-from mlx_openelm.loading import (
-    MARKER,
-    check_destination,
-    dequantize as dequantize_layers,
-    export_hf as write_hf_folder,
-    load_model,
-    read_config,
-    resolve_model_path,
-    save_model,
-)
-
-from .adapters import ADAPTERS_FILE, CONFIG_FILE, fuse_adapters, load_adapters
+from ..adapters import ADAPTERS_FILE, CONFIG_FILE, fuse_adapters, load_adapters
+from ..utils import check_destination
+from ..weights import dequantize as dequantize_layers
+from .folder import MARKER, read_config, save_model
+from .folder import export_hf as write_hf_folder
+from .load import load_model, resolve_model_path
 
 PathLike = Union[str, Path]
 

@@ -1,7 +1,7 @@
 """Throughput benchmark and the RMSNorm study.
 
 ``benchmark`` times prompt processing, decoding, time to first token and peak memory of our
-OpenELM through ``generation.stream_generate`` (greedy, exactly ``gen_tokens`` tokens), and
+OpenELM through ``generate.stream.stream_generate`` (greedy, exactly ``gen_tokens`` tokens), and
 optionally, in the same run and on the same weights, mlx-lm's OpenELM through mlx-lm's
 ``generate_step`` (the token loop under its ``stream_generate``; it needs no tokenizer).
 ``run_bench`` builds the models for the ``mlx-openelm bench`` command. Functions return plain
@@ -9,7 +9,7 @@ dicts; nothing here prints.
 
 Terms. The *checkpoint* is the model as stored: a model folder, or random weights at a released
 size's shapes (dtype: ``random_checkpoint_dtype``). mlx-lm runs the checkpoint at its defaults
-(stored dtype and quantization). Ours runs what ``loading.load_model`` makes of it: with
+(stored dtype and quantization). Ours runs what ``io.load.load_model`` makes of it: with
 ``dtype="auto"`` float32 on the CPU (quantized layers dequantized), the stored dtype on a GPU;
 a named dtype casts and keeps quantization.
 Two comparisons come out: ``same_dtype`` (ours on the checkpoint exactly as stored, vs mlx-lm:
@@ -27,11 +27,9 @@ visible only on tiny models.
 from __future__ import annotations
 
 import gc
-import os
 import random
 import statistics
 import time
-import uuid
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
@@ -40,9 +38,11 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
-from .config import ModelArgs
-from .loading import DTYPES, QUANTIZED, cast_parameters, dequantize, float_dtype_of, quantization_of
-from .model import Model, RMSNorm, init_weights
+from ..config import ModelArgs
+from ..model import Model, RMSNorm, init_weights
+from ..utils import atomic_write
+from ..weights import DTYPES, QUANTIZED, apply_plan, compute_plan, device_is_cpu, float_dtype_of, quantization_of
+from ..weights import quantize_model as _quantize
 
 # A shape for tests and quick checks; dimensions are multiples of 64 so 4/8-bit quantization applies.
 TINY_SHAPE = dict(num_transformer_layers=4, model_dim=128, head_dim=16, num_gqa_groups=4, ffn_dim_divisor=64, vocab_size=512)
@@ -77,13 +77,7 @@ def shape_args(shape: str) -> ModelArgs:
 
 def quantize_model(model: nn.Module, bits: int) -> nn.Module:
     """Quantize every Linear and the embedding in place (affine, group size 64), as converters do."""
-    if bits not in QUANT_BITS:
-        raise ValueError(f"--quantize {bits} is not supported; choose one of {', '.join(map(str, QUANT_BITS))} (4 or 8 usually)")
-    if quantization_of(model) is not None:
-        raise ValueError("the model is already quantized; drop --quantize")
-    nn.quantize(model, group_size=GROUP_SIZE, bits=bits)
-    mx.eval(model.parameters())
-    return model
+    return _quantize(model, bits, GROUP_SIZE)
 
 
 def random_model(shape: str, dtype: str = "float16", quantize: Optional[int] = None, seed: int = 0) -> Model:
@@ -138,24 +132,17 @@ def mlx_lm_model(args: ModelArgs) -> nn.Module:
 
 
 def _on_cpu() -> bool:
-    return mx.default_device().type == mx.DeviceType.cpu
+    return device_is_cpu()
 
 
 def as_loaded(checkpoint: Model, dtype: str = "auto") -> Model:
-    """Our model for ``checkpoint`` as ``loading.load_model(folder, dtype, keep_quantized=dtype != "auto")``
-    makes it from a folder holding ``checkpoint``; ``checkpoint`` itself when nothing changes."""
-    if dtype != "auto" and dtype not in DTYPES:
-        raise ValueError(f"unknown dtype {dtype!r}; choose auto, {', '.join(DTYPES)}")
-    target = mx.float32 if dtype == "auto" and _on_cpu() else DTYPES.get(dtype)
-    dequant = dtype == "auto" and _on_cpu() and quantization_of(checkpoint) is not None
-    if not dequant and (target is None or DTYPES[float_dtype_of(checkpoint)] == target):
+    """Our model for ``checkpoint`` as ``io.load.load_model(folder, dtype, keep_quantized=dtype != "auto")``
+    makes it from a folder holding ``checkpoint`` (same policy function: ``weights.compute_plan``);
+    ``checkpoint`` itself when nothing changes."""
+    plan = compute_plan(dtype, quantization_of(checkpoint) is not None, keep_quantized=dtype != "auto")
+    if not plan.dequantize and (plan.dtype is None or plan.dtype == float_dtype_of(checkpoint)):
         return checkpoint
-    model = share_weights(checkpoint, Model(checkpoint.args))
-    if dequant:
-        dequantize(model, target)
-    cast_parameters(model, target)
-    mx.eval(model.parameters())
-    return model
+    return apply_plan(share_weights(checkpoint, Model(checkpoint.args)), plan)
 
 
 def set_fused_norms(model: nn.Module, fused: bool) -> int:
@@ -238,7 +225,7 @@ Runner = Callable[[Sequence[int], int], Iterable]
 
 def ours_runner(model: nn.Module, tokenizer: Any, fused_norms: bool = True) -> Runner:
     """Our ``stream_generate``, greedy, exactly ``n`` tokens."""
-    from .generation import stream_generate
+    from ..generate.stream import stream_generate
 
     def run(ids, n):
         set_fused_norms(model, fused_norms)
@@ -399,7 +386,7 @@ def benchmark(
     """
     import mlx_lm
 
-    from . import _backend
+    from .. import _backend
 
     args = ours.args
     if prompt_tokens < 1 or gen_tokens < 2 or repeats < 1:
@@ -476,7 +463,7 @@ def run_bench(
 
     ``shape``: random weights at a released size's shapes (or ``tiny``), stored in
     ``random_checkpoint_dtype(dtype, quantize)``; ``quantize`` quantizes that checkpoint.
-    ``model``: a folder or hub id loaded with ``loading.load`` (``keep_quantized`` unless
+    ``model``: a folder or hub id loaded with ``io.load.load`` (``keep_quantized`` unless
     ``dtype="auto"``); ``quantize`` quantizes after loading, for ours and for the checkpoint
     mlx-lm runs. ``plot`` writes a PNG chart.
     """
@@ -498,7 +485,7 @@ def run_bench(
 
 
 def _load_for_bench(path: str, dtype: str, quantize: Optional[int], need_checkpoint: bool):
-    from .loading import load
+    from ..io.load import load
 
     ours, tokenizer = load(path, dtype=dtype, keep_quantized=dtype != "auto")
     folder = getattr(ours, "folder", path)
@@ -561,17 +548,7 @@ def plot_results(result: Dict[str, Any], path: Union[str, Path]) -> Path:
         f"{result['prompt_tokens']}-token prompt, {result['gen_tokens']} generated",
         fontsize=10,
     )
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.partial")
-    try:
-        with open(tmp, "xb") as f:
-            fig.savefig(f, format="png", dpi=110)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write(path, lambda p: fig.savefig(p, format="png", dpi=110))
 
 
 def weights_label(summary: Dict[str, Any]) -> str:

@@ -24,9 +24,9 @@ from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
-from .generation import stream_generate
-from .scoring import context_length, encode_pair, score_tokens, tok_encode
-from .tokenizer import Tokenizer
+from ..generate.stream import stream_generate
+from ..scoring import context_length, encode_pair, score_tokens, tok_encode
+from ..tokenizer import Tokenizer
 
 Progress = Callable[[str, int, int], None]  # (request type, done, total)
 
@@ -84,7 +84,7 @@ class OpenELMLM(LM):
         if model is None:
             if pretrained is None:
                 raise ValueError("give pretrained=<model folder or hub id> (or a loaded model and tokenizer)")
-            from .loading import load
+            from ..io.load import load
 
             model, tokenizer = load(pretrained, dtype=dtype, adapter_path=adapter_path)
         if tokenizer is None:

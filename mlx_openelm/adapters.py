@@ -9,15 +9,15 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, List, Optional, Sequence, Tuple, Union
+from typing import List, Optional, Sequence, Tuple, Union
 
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
+
+from .utils import atomic_write
 
 DEFAULT_TARGETS: Tuple[str, ...] = ("qkv_proj", "out_proj", "proj_1", "proj_2")
 ADAPTERS_FILE = "adapters.safetensors"
@@ -341,18 +341,6 @@ def fuse_adapters(model: nn.Module, dequantize: bool = False) -> nn.Module:
     return model
 
 
-def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}-", suffix=path.suffix)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def save_adapters(folder: Union[str, Path], model: nn.Module, config: LoRAConfig) -> Path:
     """Write the trainable parameters to ``folder/adapters.safetensors`` and ``config`` to
     ``folder/adapter_config.json``, each through a temporary file and a rename. Returns the folder."""
@@ -361,9 +349,9 @@ def save_adapters(folder: Union[str, Path], model: nn.Module, config: LoRAConfig
         raise ValueError("the model has no trainable adapter parameters; call apply_adapters first")
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    _atomic_write(folder / ADAPTERS_FILE, lambda p: mx.save_safetensors(p, weights, metadata={"format": "mlx"}))
+    atomic_write(folder / ADAPTERS_FILE, lambda p: mx.save_safetensors(p, weights, metadata={"format": "mlx"}))
     text = json.dumps(config.to_dict(), indent=2) + "\n"
-    _atomic_write(folder / CONFIG_FILE, lambda p: Path(p).write_text(text))
+    atomic_write(folder / CONFIG_FILE, lambda p: Path(p).write_text(text))
     return folder
 
 

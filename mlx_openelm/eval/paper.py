@@ -14,11 +14,7 @@ WinoGrande. Both metrics are always reported, so another reading stays one glanc
 
 from __future__ import annotations
 
-import json
-import os
 import re
-import tempfile
-from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 PAPER_TASKS = ("arc_challenge", "arc_easy", "boolq", "hellaswag", "piqa", "sciq", "winogrande")
@@ -111,19 +107,3 @@ def compare(results: Dict[str, Dict[str, float]], model_name: str) -> Dict[str, 
 
 def _pct(v: Optional[float]) -> Optional[float]:
     return None if v is None else 100 * v
-
-
-def write_json(path: Path, obj: Any) -> Path:
-    """Write ``obj`` as JSON to ``path`` atomically (a temp file in the same folder, then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2, default=str)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path

@@ -1,1 +1,0 @@
-"""Low-rank adapters (LoRA, DoRA), data and evaluation for fine-tuning OpenELM."""

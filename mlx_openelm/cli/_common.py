@@ -1,0 +1,53 @@
+"""What every command shares: the error line, loading, model option, progress bars."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+DEFAULT_CHAT_MODEL = "apple/OpenELM-270M-Instruct"
+
+ModelOpt = typer.Option(..., "--model", "-m", help="MLX folder, apple/OpenELM-* folder or hub id (converted on first use).")
+
+
+def err(message: str) -> None:
+    """One red line on stderr."""
+    from rich.console import Console
+    from rich.markup import escape
+
+    Console(stderr=True, highlight=False, soft_wrap=True).print(f"[bold red]error:[/] {escape(message)}", markup=True)
+
+
+def _load(model: str, dtype: str = "auto", adapter_path: Optional[Path] = None):
+    from ..io.load import load
+
+    return load(model, dtype=dtype, adapter_path=adapter_path)
+
+
+def _describe(model) -> str:
+    info = getattr(model, "compute_info", {}) or {}
+    return ", ".join(f"{k}={v}" for k, v in info.items())
+
+
+def _stats_line(r, console) -> None:
+    console.print(
+        f"prompt: {r.prompt_tokens} tokens, {r.prompt_tps:.1f} tok/s | "
+        f"generation: {r.generation_tokens} tokens, {r.generation_tps:.1f} tok/s | "
+        f"peak memory: {r.peak_memory:.2f} GB | finish: {r.finish_reason}",
+        highlight=False,
+    )
+
+
+def _progress_callback(progress):
+    """A ``progress(name, done, total)`` callback driving one rich bar per name."""
+    bars = {}
+
+    def update(name: str, done: int, total: int) -> None:
+        if name not in bars:
+            bars[name] = progress.add_task(name, total=total)
+        progress.update(bars[name], completed=done, total=total)
+
+    return update
+

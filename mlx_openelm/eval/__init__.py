@@ -1,0 +1,1 @@
+"""Evaluation: commonsense protocols, lm-eval backend, the paper table and the research methods."""

@@ -1,0 +1,1 @@
+"""Generation: sampling options, streaming (plain, speculative, prompt lookup), chat sessions."""

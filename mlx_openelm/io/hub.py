@@ -1,0 +1,70 @@
+"""The Hugging Face Hub: repo ids, downloads, the converted-model cache, and ONE error translator.
+
+Every Hub access of the package goes through here, so a gated, missing, offline or failing Hub
+always reads the same way.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Optional, Sequence
+
+from ..utils import first_line
+
+HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer.model"]
+BIN_PATTERNS = ["pytorch_model*.bin"]
+
+
+def cache_dir() -> Path:
+    """Where hub models and local HF folders are converted on first use (env MLX_OPENELM_CACHE)."""
+    return Path(os.environ.get("MLX_OPENELM_CACHE") or Path.home() / ".cache" / "mlx-openelm").expanduser()
+
+
+def is_repo_id(text: str) -> bool:
+    return re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", str(text)) is not None
+
+
+def hub_error(repo: str, e: Exception, revision: Optional[str] = None) -> ValueError:
+    from huggingface_hub import errors
+
+    if isinstance(e, errors.GatedRepoError):
+        msg = f"{repo} is gated: accept its licence at https://huggingface.co/{repo} and log in (`huggingface-cli login` or HF_TOKEN)"
+    elif isinstance(e, errors.RepositoryNotFoundError):
+        msg = f"{repo} was not found on the Hugging Face Hub (if it is private, log in with `huggingface-cli login` or set HF_TOKEN)"
+    elif isinstance(e, errors.RevisionNotFoundError):
+        msg = f"{repo} has no revision {revision!r}"
+    elif isinstance(e, (errors.LocalEntryNotFoundError, errors.OfflineModeIsEnabled)):
+        msg = (
+            f"{repo} is not in the local Hugging Face cache and the Hub cannot be reached (offline or "
+            "HF_HUB_OFFLINE=1); connect once to download it, or give a local folder"
+        )
+    else:
+        msg = f"cannot download {repo} from the Hugging Face Hub: {first_line(e)}"
+    return ValueError(msg)
+
+
+def download(repo: str, revision: Optional[str] = None, patterns: Sequence[str] = tuple(HUB_PATTERNS)) -> Path:
+    """Snapshot of the files of ``repo`` that conversion needs (HF cache; honours HF_HUB_OFFLINE,
+    HF_TOKEN); ``pytorch_model*.bin`` only when the repo has no safetensors."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        folder = Path(snapshot_download(repo, revision=revision, allow_patterns=list(patterns)))
+        if not any(folder.glob("*.safetensors")) and patterns == tuple(HUB_PATTERNS):
+            folder = Path(snapshot_download(repo, revision=revision, allow_patterns=HUB_PATTERNS + BIN_PATTERNS))
+    except Exception as e:  # the hub library raises many kinds; all become one line
+        raise hub_error(repo, e, revision) from e
+    return folder
+
+
+def download_file(repo: str, filename: str, revision: Optional[str] = None, repo_type: Optional[str] = None) -> Path:
+    """One file of a hub repo (HF cache), errors translated by ``hub_error``."""
+    from huggingface_hub import hf_hub_download
+
+    try:
+        return Path(hf_hub_download(repo, filename, revision=revision, repo_type=repo_type))
+    except Exception as e:
+        raise hub_error(repo, e, revision) from e
+

@@ -1,0 +1,1 @@
+"""Training: a generic loop (train.loop) and the objectives that plug into it (SFT, DPO)."""

@@ -1,0 +1,134 @@
+"""Weight formats: dtypes, quantization facts, dequantize / cast / quantize, and THE compute-dtype policy.
+
+``compute_plan`` is the one place that decides what a stored checkpoint becomes in memory
+(loading, benchmarks and fuse all ask it); ``apply_plan`` carries the decision out.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Dict, Optional
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten, tree_unflatten
+
+DTYPES = {"float16": mx.float16, "bfloat16": mx.bfloat16, "float32": mx.float32}
+DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+QUANTIZED = (nn.QuantizedLinear, nn.QuantizedEmbedding)
+QUANT_BITS = (2, 3, 4, 5, 6, 8)
+QUANT_GROUP_SIZES = (32, 64, 128)
+
+
+def quantization_of(model: nn.Module) -> Optional[Dict[str, Any]]:
+    """``{"group_size", "bits", "mode"}`` of the model's quantized layers, or None."""
+    for _, m in model.named_modules():
+        if isinstance(m, QUANTIZED):
+            return {"group_size": m.group_size, "bits": m.bits, "mode": m.mode}
+    return None
+
+
+def float_dtype_of(model: nn.Module) -> str:
+    """Name of the dtype of the model's first floating-point parameter."""
+    for _, p in tree_flatten(model.parameters()):
+        if mx.issubdtype(p.dtype, mx.floating):
+            return DTYPE_NAMES.get(p.dtype, str(p.dtype))
+    return "float32"
+
+
+def dequantized_weight(m: nn.Module, dtype=None) -> mx.array:
+    """The float weight of a quantized layer (in ``dtype``, else the scales' dtype)."""
+    # in the target dtype: float32 represents every quantized value scale*q+bias exactly
+    dt = dtype or m.scales.dtype
+    biases = None if m.get("biases") is None else m.biases.astype(dt)
+    return mx.dequantize(m.weight, m.scales.astype(dt), biases, m.group_size, m.bits, mode=m.mode)
+
+
+def dequantize(model: nn.Module, dtype=None) -> nn.Module:
+    """Replace quantized layers by float ones (in the scales' dtype unless ``dtype``), in place."""
+    new = []
+    for path, m in model.named_modules():
+        if not isinstance(m, QUANTIZED):
+            continue
+        w = dequantized_weight(m, dtype)
+        mx.eval(w)
+        if isinstance(m, nn.QuantizedLinear):
+            layer = nn.Linear(w.shape[1], w.shape[0], bias="bias" in m)
+            if "bias" in m:
+                layer.bias = m.bias
+        else:
+            layer = nn.Embedding(w.shape[0], w.shape[1])
+        layer.weight = w
+        new.append((path, layer))
+    if new:
+        model.update_modules(tree_unflatten(new))
+    return model
+
+
+def cast_parameters(model: nn.Module, dtype) -> nn.Module:
+    """Cast float parameters one at a time, so old and new copies never coexist whole."""
+    names = [k for k, v in tree_flatten(model.parameters()) if mx.issubdtype(v.dtype, mx.floating) and v.dtype != dtype]
+    for k in names:
+        new = dict(tree_flatten(model.parameters()))[k].astype(dtype)
+        mx.eval(new)
+        model.update(tree_unflatten([(k, new)]))
+    return model
+
+
+def quantize_model(model: nn.Module, bits: int, group_size: int = 64) -> nn.Module:
+    """Quantize every Linear and the embedding in place (affine), as converters do."""
+    if bits not in QUANT_BITS:
+        raise ValueError(f"bits={bits} is not supported; choose one of {', '.join(map(str, QUANT_BITS))} (4 or 8 usually)")
+    if quantization_of(model) is not None:
+        raise ValueError("the model is already quantized")
+    nn.quantize(model, group_size=group_size, bits=bits)
+    mx.eval(model.parameters())
+    return model
+
+
+def device_is_cpu() -> bool:
+    return mx.default_device().type == mx.DeviceType.cpu
+
+
+def check_dtype(dtype: Optional[str]) -> None:
+    if dtype is not None and dtype != "auto" and dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; choose auto, {', '.join(DTYPES)}")
+
+
+@dataclass(frozen=True)
+class ComputePlan:
+    """What a stored model becomes in memory: cast to ``dtype`` (None = keep), ``dequantize`` or not."""
+
+    dtype: Optional[str]
+    dequantize: bool
+    device: str
+
+
+def compute_plan(requested: Optional[str], stored_quantized: bool, keep_quantized: bool = False, cpu: Optional[bool] = None) -> ComputePlan:
+    """THE compute-dtype policy.
+
+    ``requested="auto"``: on the CPU compute in float32 (float16/bfloat16 upcast; quantized layers
+    dequantized unless ``keep_quantized``), because MLX's CPU float16 and quantized matmuls are
+    many times slower than float32 BLAS; on a GPU keep the stored dtype and quantization.
+    A named dtype casts every float parameter and keeps quantization unless on the CPU without
+    ``keep_quantized``. ``requested=None`` keeps the stored format on any device (for rewriting
+    a model, e.g. fuse).
+    """
+    check_dtype(requested)
+    cpu = device_is_cpu() if cpu is None else cpu
+    device = "cpu" if cpu else "gpu"
+    if requested is None:
+        return ComputePlan(None, False, device)
+    target = "float32" if (requested == "auto" and cpu) else (None if requested == "auto" else requested)
+    return ComputePlan(target, bool(stored_quantized and cpu and not keep_quantized), device)
+
+
+def apply_plan(model: nn.Module, plan: ComputePlan) -> nn.Module:
+    """Carry out ``plan`` on ``model`` in place."""
+    target = DTYPES[plan.dtype] if plan.dtype else None
+    if plan.dequantize:
+        dequantize(model, target)
+    if target is not None:
+        cast_parameters(model, target)
+    mx.eval(model.parameters())
+    return model
