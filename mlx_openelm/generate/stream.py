@@ -119,6 +119,10 @@ def stream_generate(
     sampling = sampling or SamplingConfig(**sampling_options)
     if max_tokens <= 0:
         raise ValueError(f"max_tokens={max_tokens} must be positive")
+    if prompt_lookup < 0:
+        raise ValueError(f"prompt_lookup={prompt_lookup} must be >= 0 (the number of tokens to draft; 0 turns it off)")
+    if num_draft_tokens < 1:
+        raise ValueError(f"num_draft_tokens={num_draft_tokens} must be >= 1")
     if draft_model is not None and prompt_lookup:
         raise ValueError("choose either a draft model or prompt lookup, not both")
     ids = tokenizer.encode(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
