@@ -229,8 +229,9 @@ class LoRAEmbedding(nn.Module):
         model whose input embedding is ``E'`` but whose logits use ``E`` (CoreNet)."""
         base = self.embedding
         if isinstance(base, nn.QuantizedEmbedding) and not dequantize:
-            head = nn.QuantizedLinear(1, 1, bias=False, group_size=base.group_size, bits=base.bits, mode=base.mode)
-            head.weight, head.scales = base.weight, base.scales
+            vocab, dims = self.lora_a.shape[0], self.lora_b.shape[1]
+            head = nn.QuantizedLinear(dims, vocab, bias=False, group_size=base.group_size, bits=base.bits, mode=base.mode)
+            head.weight, head.scales = base.weight, base.scales  # the same quantized table, used as x @ E.T
             if "biases" in base:
                 head.biases = base.biases
             else:
