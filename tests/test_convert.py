@@ -16,7 +16,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_map
 
-from conftest import hf_config, logits, max_diff, tiny_args, write_hf_checkpoint
+from conftest import fake_hub_cache, hf_config, logits, max_diff, tiny_args, write_hf_checkpoint
 from mlx_openelm.io.convert import convert
 from mlx_openelm.io.load import load_model
 from mlx_openelm.model import Model, init_weights
@@ -327,16 +327,8 @@ def test_existing_output_needs_force_and_failure_keeps_it(hf_checkpoint, sp_mode
 
 
 def _fake_hub_cache(cache: Path, repo: str, files: dict) -> Path:
-    """The huggingface_hub cache layout for ``repo`` at one commit; ``files`` maps name -> source path."""
-    commit = "0123456789abcdef0123456789abcdef01234567"
-    root = cache / f"models--{repo.replace('/', '--')}"
-    snapshot = root / "snapshots" / commit
-    snapshot.mkdir(parents=True)
-    for name, path in files.items():
-        (snapshot / name).write_bytes(Path(path).read_bytes())
-    (root / "refs").mkdir()
-    (root / "refs" / "main").write_text(commit)
-    return snapshot
+    """conftest's fake cache for a model repo at one fixed commit."""
+    return fake_hub_cache(cache, repo, files, commit="0123456789abcdef0123456789abcdef01234567", repo_type="model")
 
 
 def test_hub_id_converts_fully_offline(tmp_path, sp_model_path, hf_checkpoint):
