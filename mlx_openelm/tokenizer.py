@@ -89,6 +89,54 @@ def render_jinja(template: str, messages: Sequence[Dict[str, str]], add_generati
         raise ValueError(f"the chat_template of tokenizer_config.json failed: {e}") from e
 
 
+def piece_bytes(piece: str) -> bytes:
+    """The bytes a SentencePiece piece stands for: byte-fallback pieces ``<0xAB>`` are one byte."""
+    if len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):
+        return bytes([int(piece[3:5], 16)])
+    return piece.encode("utf-8")
+
+
+class StreamingDetokenizer:
+    """Text of a growing token sequence, one segment at a time, in linear time (the behaviour of
+    mlx-lm's ``SPMStreamingDetokenizer``): pieces are joined as bytes, "▁" becomes a space, text is
+    released once it is valid UTF-8 (a multi-byte character split over byte pieces waits), and
+    the leading space of the first piece is dropped. ``add_token``, ``finalize``, ``last_segment``,
+    ``text`` and ``tokens`` as mlx-lm's."""
+
+    _SPACE = "\u2581".encode("utf-8")
+
+    def __init__(self, piece_bytes_table: Sequence[bytes]):
+        self._table = piece_bytes_table
+        self.reset()
+
+    def reset(self) -> None:
+        self.text, self.tokens, self.offset, self._pending = "", [], 0, b""
+
+    def _flush(self, force: bool = False) -> None:
+        text = self._pending.replace(self._SPACE, b" ").decode("utf-8", "replace")
+        if text.endswith("\ufffd") and not force:
+            return  # an incomplete UTF-8 character: wait for its next byte
+        if not self.text and text.startswith(" "):
+            text = text[1:]
+        self.text += text
+        self._pending = b""
+
+    def add_token(self, token: int) -> None:
+        self.tokens.append(token)
+        self._pending += self._table[token]
+        self._flush()
+
+    def finalize(self) -> None:
+        self._flush(force=True)
+
+    @property
+    def last_segment(self) -> str:
+        """The text added since the previous call."""
+        segment = self.text[self.offset:]
+        self.offset = len(self.text)
+        return segment
+
+
 class Tokenizer:
     """Encode/decode with BOS/EOS handling as Hugging Face's LlamaTokenizer (``legacy=False``)."""
 
@@ -120,6 +168,7 @@ class Tokenizer:
         else:
             raise FileNotFoundError(f"no tokenizer.model or tokenizer.json in {path}")
         self.chat_template = chat_template
+        self._piece_bytes: Optional[List[bytes]] = None
         self._specials = {self._pieces[i]: i for i in (self.bos_id, self.eos_id, self.unk_id) if i >= 0}
         self._special_re = re.compile("(" + "|".join(re.escape(s) for s in self._specials) + ")")
 
@@ -177,12 +226,12 @@ class Tokenizer:
         return self._sp.decode(ids)
 
     @property
-    def detokenizer(self):
-        """A new streaming detokenizer (mlx-lm's SentencePiece one) for each stream, so concurrent
-        streams never share state."""
-        from mlx_lm.tokenizer_utils import SPMStreamingDetokenizer
-
-        return SPMStreamingDetokenizer(self)
+    def detokenizer(self) -> "StreamingDetokenizer":
+        """A new streaming detokenizer for each stream, so concurrent streams never share state
+        (the piece table they read is built once and shared)."""
+        if getattr(self, "_piece_bytes", None) is None:
+            self._piece_bytes = [piece_bytes(p) for p in self._pieces]
+        return StreamingDetokenizer(self._piece_bytes)
 
     def apply_chat_template(
         self, messages: Sequence[Dict[str, str]], add_generation_prompt: bool = True, add_empty_system: bool = True

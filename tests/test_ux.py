@@ -293,3 +293,73 @@ def test_bench_shows_progress(capsys, monkeypatch):
     monkeypatch.setenv("FORCE_COLOR", "1")  # rich draws live displays only on a terminal
     code, _, err = cli("bench", "--shape", "tiny", "-p", "4", "-g", "2", "-n", "1", "--json", capsys=capsys)
     assert code == 0 and "benchmarking OpenELM-tiny shapes" in err
+
+
+# ---------------------------------------------------------------- start-up
+
+STARTUP_SCRIPT = r"""
+import sys, time
+t0 = time.perf_counter()
+from mlx_openelm.cli import main
+try:
+    main(["generate", "--model", sys.argv[1], "--prompt", "the cat", "--max-tokens", "2"])
+except SystemExit as e:
+    assert not e.code, e.code
+heavy = sorted(m for m in ("transformers", "torch", "jinja2", "huggingface_hub") if m in sys.modules)
+import mlx_lm  # the deferred package still works in full on first use
+assert callable(mlx_lm.load) and mlx_lm.__version__
+print("RESULT", heavy, round(time.perf_counter() - t0, 3))
+"""
+
+
+def test_generate_starts_without_transformers(mlx_folder):
+    r = subprocess.run([sys.executable, "-c", STARTUP_SCRIPT, str(mlx_folder)], capture_output=True, text=True, cwd=ROOT,
+                       timeout=120, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert r.returncode == 0, r.stderr
+    line = [ln for ln in r.stdout.splitlines() if ln.startswith("RESULT")][-1]
+    assert line.startswith("RESULT []"), line  # mlx-lm's eager __init__ (transformers, torch: ~3 s) is not run
+
+
+def test_our_generate_step_matches_mlx_lm(sp_model_path):
+    """Our token loop (mlx-lm's lives in a module that imports transformers) against mlx-lm's own,
+    with a sampler and a logits processor, on a prompt longer than one prefill chunk."""
+    import mlx.core as mx
+    from mlx_lm.generate import generate_step as theirs
+
+    from mlx_openelm.generate.sampling import SamplingConfig
+    from mlx_openelm.generate.stream import generate_step as ours
+
+    model = init_weights(Model(tiny_args()), seed=2)
+    model.eval()
+    prompt = mx.array(Tokenizer(sp_model_path).encode("the cat sat on the mat " * 6), mx.uint32)
+    config = SamplingConfig(temp=0.8, top_k=20, repetition_penalty=1.3, seed=0)
+    runs = []
+    for step in (ours, theirs):
+        mx.random.seed(0)
+        runs.append([(t, lp) for t, lp in step(prompt, model, max_tokens=12, sampler=config.sampler(),
+                                                 logits_processors=config.logits_processors(), prefill_step_size=16)])
+    assert [t for t, _ in runs[0]] == [t for t, _ in runs[1]]
+    assert all(mx.allclose(a, b, atol=1e-5).item() for (_, a), (_, b) in zip(*runs))
+
+
+def test_our_streaming_detokenizer_matches_mlx_lm(sp_model_path):
+    import random
+
+    from mlx_lm.tokenizer_utils import SPMStreamingDetokenizer
+
+    tok = Tokenizer(sp_model_path)
+    rng = random.Random(0)
+    texts = ["Hello! How are you? é ü ß — …", "the cat  sat\n\n on   the mat", "".join(rng.choice("aé😀 \n") for _ in range(60))]
+    ids_list = [tok.encode(t, add_bos=False) for t in texts] + [[rng.randrange(3, len(tok)) for _ in range(80)]]
+    for ids in ids_list:
+        ours, theirs = tok.detokenizer, SPMStreamingDetokenizer(tok)
+        a, b = [], []
+        for i in ids:
+            ours.add_token(i)
+            theirs.add_token(i)
+            a.append(ours.last_segment)
+            b.append(theirs.last_segment)
+        ours.finalize()
+        theirs.finalize()
+        assert a + [ours.last_segment] == b + [theirs.last_segment]
+    assert tok.detokenizer is not tok.detokenizer  # a fresh one per stream
