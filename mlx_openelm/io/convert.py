@@ -399,7 +399,7 @@ def convert(
     except OSError as e:
         if e.errno in (errno.ENOSPC, errno.EDQUOT):
             raise OSError(e.errno, f"no space left on the disk of {dest.absolute().parent} while writing the converted "
-                          "model (nothing was kept); free some space or choose another --mlx-path") from e
+                          "model (nothing was kept); free some space or choose another output folder") from e
         raise
     return dest
 
