@@ -402,8 +402,12 @@ def load_adapters(model: nn.Module, folder: Union[str, Path]) -> LoRAConfig:
         if not (folder / name).is_file():
             raise FileNotFoundError(f"{folder / name} not found; pass a folder written by save_adapters")
     try:
-        config = LoRAConfig.from_dict(json.loads((folder / CONFIG_FILE).read_text()))
-    except (json.JSONDecodeError, TypeError) as e:
+        stored = json.loads((folder / CONFIG_FILE).read_text())
+        if isinstance(stored, dict) and stored.get("adapt_embeddings") and "adapt_output" not in stored:
+            # written before adapt_output existed: those embedding adapters also fed the output layer
+            stored = {**stored, "adapt_output": True}
+        config = LoRAConfig.from_dict(stored)
+    except (json.JSONDecodeError, TypeError, AttributeError) as e:
         raise ValueError(f"{folder / CONFIG_FILE} is not a valid adapter config ({e})") from None
     weights = mx.load(str(folder / ADAPTERS_FILE))
     built = _build_adapters(model, config)

@@ -60,9 +60,9 @@ def adapters(base, tmp_path_factory):
     rng = np.random.default_rng(0)
     for _, m in model.named_modules():
         if isinstance(m, LoRALinear):
-            m.lora_b = mx.array(rng.normal(0, 0.05, m.lora_b.shape).astype(np.float32))
+            m.lora_b = mx.array(rng.normal(0, 0.2, m.lora_b.shape).astype(np.float32))
         elif isinstance(m, LoRAEmbedding):
-            m.lora_a = mx.array(rng.normal(0, 0.05, m.lora_a.shape).astype(np.float32))
+            m.lora_a = mx.array(rng.normal(0, 0.2, m.lora_a.shape).astype(np.float32))
     return save_adapters(tmp_path_factory.mktemp("fidelity-ad") / "ad", model, CONFIG)
 
 
@@ -92,8 +92,9 @@ def test_eval_with_adapters_twice_gives_identical_json(base, adapters, tmp_path,
     (data / "boolq").mkdir(parents=True)
     records = [{"instruction": f"Is the {w} red? Answer format: true/false", "input": "",
                 "output": f"the correct answer is {a}", "answer": a}
-               for w, a in [("cat", "true"), ("dog", "false"), ("apple", "true"), ("tree", "false"),
-                            ("river", "true"), ("city", "false"), ("mat", "true"), ("light", "false")]]
+               for w, a in [(w, "true" if i % 2 else "false") for i, w in enumerate(
+                   "cat dog apple tree river city mat light mountain question model option sentence task blue green "
+                   "red dark small large open slow fast river".split())]]
     (data / "boolq" / "test.json").write_text(json.dumps(records))
     outputs = []
     for i in range(2):
@@ -218,3 +219,19 @@ def test_adapt_output_option_adapts_both():
     fused = fuse_adapters(model)
     assert fused.args.share_input_output_layers is True and "lm_head" not in fused
     np.testing.assert_allclose(np.array(fused(TOKENS), np.float64), out, atol=1e-4, rtol=1e-5)
+
+
+def test_adapters_saved_before_adapt_output_keep_their_output_layer(base, adapters, tmp_path):
+    """An adapter_config.json without ``adapt_output`` predates the option: its embedding adapter
+    was trained feeding the output layer too, so it loads that way (the fused model stays tied)."""
+    import shutil
+
+    old = tmp_path / "old"
+    shutil.copytree(adapters, old)
+    config = json.loads((old / "adapter_config.json").read_text())
+    assert config["adapt_output"] is False  # what we write now
+    del config["adapt_output"]
+    (old / "adapter_config.json").write_text(json.dumps(config))
+    model = load_model(base)
+    assert load_adapters(model, old).adapt_output is True
+    assert model.transformer.token_embeddings.adapt_output is True
