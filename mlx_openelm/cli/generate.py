@@ -18,12 +18,8 @@ def _sampling(temp, top_p, top_k, min_p, repetition_penalty, seed):
     return SamplingConfig(temp=temp, top_p=top_p, top_k=top_k, min_p=min_p, repetition_penalty=repetition_penalty, seed=seed)
 
 
-def _stdin_line(interactive: bool) -> str:
-    """One line of stdin; bytes that are not UTF-8 survive as surrogates (checked by the caller)."""
-    return input(">> " if interactive else "")
-
-
 def _bad_utf8(text: str) -> bool:
+    """True for a line read with errors="surrogateescape" that held bytes that are not UTF-8."""
     return any("\udc80" <= c <= "\udcff" for c in text)
 
 
@@ -112,7 +108,7 @@ def chat(
         sys.stdin.reconfigure(errors="surrogateescape")  # a non-UTF-8 line is reported, not fatal
     while True:
         try:
-            line = _stdin_line(interactive)
+            line = input(">> " if interactive else "")
         except EOFError:
             break
         except KeyboardInterrupt:
