@@ -153,4 +153,8 @@ def load(
         files = resolve_tokenizer(tokenizer, None)
         model_files = [f for f in files if f.suffix == ".model"]
         tok_source = model_files[0] if model_files else files[0].parent
-    return model, Tokenizer(tok_source, chat_template=load_chat_template(folder))
+    tok = Tokenizer(tok_source, chat_template=load_chat_template(folder))
+    if tok.vocab_size > model.args.vocab_size:
+        raise ValueError(f"the tokenizer {tok_source} has {tok.vocab_size} tokens but the model only {model.args.vocab_size}; "
+                         "is tokenizer the right one?")
+    return model, tok
