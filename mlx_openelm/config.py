@@ -67,6 +67,11 @@ class ModelArgs:
     model_type: str = "openelm"
 
     def __post_init__(self):
+        for name in ("num_transformer_layers", "model_dim", "head_dim", "vocab_size", "num_gqa_groups", "ffn_dim_divisor",
+                     "max_context_length"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
         n = self.num_transformer_layers
         if self.model_type != "openelm":
             raise ValueError(f"model_type is {self.model_type!r}, expected 'openelm'")
