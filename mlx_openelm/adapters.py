@@ -279,10 +279,6 @@ class LoRAConfig:
                 "DoRA is not supported on token embeddings (as in CoreNet); turn off adapt_embeddings or use_dora"
             )
 
-    @property
-    def scale(self) -> float:
-        return self.alpha / self.rank
-
     def to_dict(self) -> dict:
         d = asdict(self)
         d["targets"] = list(self.targets)

@@ -40,7 +40,12 @@ def _per_layer(spec: Union[Number, Sequence[Number]], n: int, name: str) -> List
 
 @dataclass
 class ModelArgs:
-    """OpenELM hyper-parameters; field names follow the Hugging Face ``config.json``."""
+    """OpenELM hyper-parameters; field names follow the Hugging Face ``config.json``.
+
+    Pass-through fields (kept so a config round-trips, not read by the model): ``rope_max_length``
+    (CoreNet's RoPE table size; MLX's RoPE needs none), ``bos_token_id``/``eos_token_id`` (the
+    tokenizer's ids rule). ``ffn_with_glu``, ``activation_fn_name`` and ``normalization_layer_name``
+    are checked: anything but OpenELM's values is refused rather than silently ignored."""
 
     num_transformer_layers: int
     model_dim: int
