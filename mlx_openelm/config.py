@@ -126,7 +126,8 @@ class ModelArgs:
 
     @classmethod
     def from_name(cls, name: str, **overrides) -> "ModelArgs":
-        """Architecture of a released size: '270M', '450M', '1_1B' or '3B' (with or without 'OpenELM-')."""
+        """Architecture of a released size: '270M', '450M', '1_1B' or '3B' (with or without 'OpenELM-'),
+        or 'tiny' (a test shape)."""
         key = name.removeprefix("OpenELM-").removesuffix("-Instruct").replace(".", "_").upper()
         if key not in PRESETS:
             raise ValueError(f"unknown OpenELM size {name!r}; choose one of {', '.join(PRESETS)}")
@@ -152,4 +153,7 @@ PRESETS: Dict[str, Dict[str, Any]] = {
     "450M": dict(num_transformer_layers=20, model_dim=1536, head_dim=64),
     "1_1B": dict(num_transformer_layers=28, model_dim=2048, head_dim=64),
     "3B": dict(num_transformer_layers=36, model_dim=3072, head_dim=128),
+    # for tests, examples and quick checks (widths multiples of 32: quantize with group size 32),
+    # the vocabulary of the tokenizers the tests train on the fly
+    "TINY": dict(num_transformer_layers=4, model_dim=128, head_dim=16, num_gqa_groups=4, ffn_dim_divisor=32, vocab_size=384),
 }

@@ -7,6 +7,7 @@ kill) never leaves a half-written file or folder under the name the user asked f
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -32,6 +33,15 @@ def first_line(e: BaseException) -> str:
     """The first line of an exception's message (or its type name), for one-line errors."""
     text = str(e).strip()
     return text.splitlines()[0] if text else type(e).__name__
+
+
+def sha256_file(path: PathLike) -> str:
+    """Hex sha256 of a file's bytes, read in 1 MiB blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def atomic_write(path: PathLike, write: Callable[[str], None], mode: int = 0o644) -> Path:

@@ -74,11 +74,22 @@ def sp_model_path(tmp_path_factory) -> Path:
     return d / "tokenizer.model"
 
 
-TINY = dict(num_transformer_layers=4, model_dim=128, head_dim=16, num_gqa_groups=4, ffn_dim_divisor=32, vocab_size=384)
-
-
 def tiny_args(**overrides) -> ModelArgs:
-    return ModelArgs(**{**TINY, **overrides})
+    """The one tiny test shape: ``config.PRESETS["TINY"]`` (vocab 384 = the tokenizers trained here)."""
+    return ModelArgs.from_name("tiny", **overrides)
+
+
+def cli(*argv, capsys):
+    """Run ``mlx-openelm ARGV`` in process; ``(exit code, stdout, stderr)``."""
+    from mlx_openelm.cli import main
+
+    try:
+        main([str(a) for a in argv])
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    out = capsys.readouterr()
+    return code, out.out, out.err
 
 
 def hf_config(args: ModelArgs, torch_dtype="float32") -> dict:

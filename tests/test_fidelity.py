@@ -13,7 +13,7 @@ import mlx_openelm  # noqa: F401  (OpenBLAS before mlx)
 import mlx.core as mx
 import mlx.nn as nn
 
-from conftest import TOKENS, logits, tiny_args, write_hf_checkpoint
+from conftest import cli, TOKENS, logits, tiny_args, write_hf_checkpoint
 from mlx_openelm.adapters import (
     LoRAConfig,
     LoRAEmbedding,
@@ -23,7 +23,6 @@ from mlx_openelm.adapters import (
     load_adapters,
     save_adapters,
 )
-from mlx_openelm.cli import main
 from mlx_openelm.generate.chat import ChatSession
 from mlx_openelm.io.convert import convert
 from mlx_openelm.io.load import load, load_model
@@ -33,14 +32,6 @@ from mlx_openelm.tokenizer import CHAT_TEMPLATE, Tokenizer, render_chat, render_
 CONFIG = LoRAConfig(rank=4, alpha=8.0, dropout=0.5, adapt_embeddings=True)
 
 
-def cli(*argv, capsys):
-    try:
-        main([str(a) for a in argv])
-        code = 0
-    except SystemExit as e:
-        code = e.code
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 @pytest.fixture(scope="module")

@@ -14,8 +14,7 @@ import mlx_openelm  # noqa: F401  (OpenBLAS before mlx)
 import mlx.core as mx
 import mlx.nn as nn
 
-from conftest import tiny_args, write_hf_checkpoint
-from mlx_openelm.cli import main
+from conftest import cli, tiny_args, write_hf_checkpoint
 from mlx_openelm.io.convert import convert
 from mlx_openelm.io.load import load, load_model
 from mlx_openelm.adapters import DoRALinear, LoRAConfig, LoRAEmbedding, LoRALinear, apply_adapters, load_adapters, save_adapters
@@ -34,15 +33,6 @@ def rel_diff(a, b) -> float:
     return mx.abs(a - b).max().item() / mx.abs(b).max().item()
 
 
-def cli(*argv, capsys):
-    """Run ``mlx-openelm ARGV`` in process; ``(exit code, stdout, stderr)``."""
-    try:
-        main([str(a) for a in argv])
-        code = 0
-    except SystemExit as e:
-        code = e.code
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 def stray(parent: Path):

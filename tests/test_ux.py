@@ -18,8 +18,7 @@ from pathlib import Path
 import pytest
 
 import mlx_openelm  # noqa: F401  (OpenBLAS before mlx)
-from conftest import fake_hub_cache, tiny_args, write_hf_checkpoint
-from mlx_openelm.cli import main
+from conftest import cli, fake_hub_cache, tiny_args, write_hf_checkpoint
 from mlx_openelm.generate.chat import ChatSession
 from mlx_openelm.io import hub
 from mlx_openelm.io.convert import convert
@@ -30,15 +29,6 @@ from mlx_openelm.utils import OWNER_FILE, PARTIAL_TAG
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def cli(*argv, capsys):
-    """``mlx-openelm ARGV`` in process: ``(exit code, stdout, stderr)``."""
-    try:
-        main([str(a) for a in argv])
-        code = 0
-    except SystemExit as e:
-        code = e.code
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 def one_line(err: str) -> str:

@@ -6,13 +6,12 @@ always reads the same way.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 from pathlib import Path
 from typing import Optional, Sequence
 
-from ..utils import first_line
+from ..utils import first_line, sha256_file
 
 HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer.model"]
 BIN_PATTERNS = ["pytorch_model*.bin"]
@@ -81,14 +80,6 @@ LLAMA_TOKENIZER_SHA256 = "9e556afd44213b6bd1be2b850ebbbd98f5481437a8021afaf58ee7
 LLAMA_TOKENIZER_SIZE = 499723
 
 
-def sha256_of(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def llama_tokenizer() -> "tuple[Path, str]":
     """``(path of tokenizer.model, repo it came from)``: the gated Llama-2 tokenizer OpenELM uses,
     else the ungated copy in ``LLAMA_TOKENIZER_FALLBACK``, accepted only if its sha256 equals the
@@ -104,7 +95,7 @@ def llama_tokenizer() -> "tuple[Path, str]":
             f"the Llama-2 tokenizer is not available: {gated_reason}; and its public copy {LLAMA_TOKENIZER_FALLBACK} "
             f"neither: {e}"
         ) from e
-    digest = sha256_of(path)
+    digest = sha256_file(path)
     if digest != LLAMA_TOKENIZER_SHA256:
         raise ValueError(
             f"the Llama-2 tokenizer is not available ({gated_reason}), and {LLAMA_TOKENIZER_FALLBACK}'s tokenizer.model "
