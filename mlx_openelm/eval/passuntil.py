@@ -30,15 +30,23 @@ import time
 import zlib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Dict, Iterable, List, Optional, Sequence
 
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from ..scoring import encode_pair
-from ..tokenizer import Tokenizer
 from ..utils import Progress, write_text
+
+if TYPE_CHECKING:  # the tokenizer module imports mlx-lm (slow): the CLI reads this module's defaults first
+    from ..tokenizer import Tokenizer
+
+
+def encode_pair(tokenizer, context: str, continuation: str):
+    """(context ids, continuation ids) split as lm-eval's HFLM does (``scoring.encode_pair``)."""
+    from ..scoring import encode_pair as split
+
+    return split(tokenizer, context, continuation)
 
 DEFAULT_STOP = ("\n",)  # for loglikelihood-style tasks (arithmetic): the answer ends at the line
 
@@ -310,7 +318,7 @@ def model_size(model: nn.Module) -> Dict[str, int]:
 _TOKEN_TEXTS: Dict[int, List[str]] = {}
 
 
-def token_texts(tokenizer: Tokenizer) -> List[str]:
+def token_texts(tokenizer: "Tokenizer") -> List[str]:
     """The text each token adds after some text (its leading space kept); cached per tokenizer."""
     key = id(tokenizer)
     if key not in _TOKEN_TEXTS:
@@ -320,7 +328,7 @@ def token_texts(tokenizer: Tokenizer) -> List[str]:
     return _TOKEN_TEXTS[key]
 
 
-def stop_token_ids(tokenizer: Tokenizer, stop: Sequence[str]) -> List[int]:
+def stop_token_ids(tokenizer: "Tokenizer", stop: Sequence[str]) -> List[int]:
     """Tokens that end an answer that is complete: EOS, and tokens whose text is a stop string
     preceded by whitespace only."""
     ids = {tokenizer.eos_id}
@@ -338,7 +346,7 @@ def _log_softmax64(logits: mx.array, temperature: float) -> np.ndarray:
     return x - (m + np.log(np.exp(x - m).sum(axis=-1, keepdims=True)))
 
 
-def p_exact(model: nn.Module, tokenizer: Tokenizer, item: Item, temperature: float = 1.0) -> Dict[str, Any]:
+def p_exact(model: nn.Module, tokenizer: "Tokenizer", item: Item, temperature: float = 1.0) -> Dict[str, Any]:
     """Teacher-forced probability of each target's tokens followed by a stop token, at ``temperature``
     (float64 softmax of the model's logits). Returns ``{"p_exact": sum, "per_target": [...], "target_tokens": [...]}``."""
     stops = stop_token_ids(tokenizer, item.stop)
@@ -370,14 +378,14 @@ def item_seed(seed: int, item: Item) -> int:
     return (seed * 1_000_003 + zlib.crc32(f"{item.task}/{item.id}".encode())) % (2**32)
 
 
-def _max_tokens(tokenizer: Tokenizer, item: Item) -> int:
+def _max_tokens(tokenizer: "Tokenizer", item: Item) -> int:
     if item.max_tokens is not None:
         return int(item.max_tokens)
     longest = max(len(tokenizer.encode(t, add_bos=False)) for t in item.targets)
     return 2 * longest + 8
 
 
-def sample_batch(model: nn.Module, tokenizer: Tokenizer, item: Item, prompt_cache, last_logits: mx.array, n: int,
+def sample_batch(model: nn.Module, tokenizer: "Tokenizer", item: Item, prompt_cache, last_logits: mx.array, n: int,
                  sampler, max_tokens: int) -> List[bool]:
     """Draw ``n`` samples from a prefilled prompt (its batch-1 ``prompt_cache`` and last logits) and
     grade them; each row stops at EOS, at a stop string, or as soon as it can no longer pass."""
@@ -409,7 +417,7 @@ def sample_batch(model: nn.Module, tokenizer: Tokenizer, item: Item, prompt_cach
     return [bool(r) for r in result]
 
 
-def sample_until_pass(model: nn.Module, tokenizer: Tokenizer, item: Item, config: PassUntilConfig,
+def sample_until_pass(model: nn.Module, tokenizer: "Tokenizer", item: Item, config: PassUntilConfig,
                       on_batch=None) -> Dict[str, Any]:
     """Sample ``item`` in batches sharing one prefill until ``config.r`` passes or ``config.max_samples``.
     Returns ``{"samples": K, "passes": m, "censored": bool}``. ``on_batch(n)`` is told of each batch."""
@@ -438,7 +446,7 @@ def sample_until_pass(model: nn.Module, tokenizer: Tokenizer, item: Item, config
     return {"samples": drawn, "passes": found, "censored": True}
 
 
-def measure_item(model: nn.Module, tokenizer: Tokenizer, item: Item, config: PassUntilConfig, on_batch=None) -> Dict[str, Any]:
+def measure_item(model: nn.Module, tokenizer: "Tokenizer", item: Item, config: PassUntilConfig, on_batch=None) -> Dict[str, Any]:
     """One result row (without the model fields): p_exact, and the sampling run with its estimates."""
     t0 = time.perf_counter()
     exact = p_exact(model, tokenizer, item, config.temperature)
@@ -482,7 +490,7 @@ def read_results(path) -> List[Dict[str, Any]]:
 
 def run(
     model: nn.Module,
-    tokenizer: Tokenizer,
+    tokenizer: "Tokenizer",
     items: Sequence[Item],
     config: PassUntilConfig,
     output,

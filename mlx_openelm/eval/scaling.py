@@ -311,7 +311,6 @@ def fit(
     want_quad = len(all_sizes) >= 4  # the curvature test uses every measured size
     x_all = np.log(np.array(all_sizes, dtype=np.float64))
     rng = np.random.default_rng(seed)
-    lo_q, hi_q = (1 - confidence) / 2, 1 - (1 - confidence) / 2
 
     tasks_keys: Dict[str, List] = defaultdict(list)
     guess: Dict[str, int] = defaultdict(int)
@@ -343,10 +342,10 @@ def fit(
         bound = {
             "instances_excluded": int(excluded.sum()),
             "instances_censored_somewhere": int((t.censored & t.present).any(1).sum()),
-            "task_pu_lower": float(np.where(fitted, pred_i, 0.0).sum() / S),
-            "task_pu_upper": float((np.where(fitted, pred_i, 0.0) + np.where(excluded, upper_each, 0.0)).sum() / S),
-            "rule": "lower: excluded instances at 0; upper: at the shared-slope extrapolation of the upper end of "
-                    "their interval at the largest size where they were measured",
+            "task_pu_lower": None, "task_pu_upper": None,
+            "rule": "task mean over all instances: the fitted ones within the per-instance interval, the excluded ones "
+                    "between 0 (lower) and the shared-slope extrapolation of the upper end of their interval at the "
+                    "largest size where they were measured (upper)",
         }
         # bootstrap
         boots = defaultdict(list)
@@ -365,18 +364,21 @@ def fit(
                 progress(f"bootstrap {task}", b + 1, bootstrap)
 
         def interval(name):
-            v = np.array(boots.get(name, []), dtype=np.float64)
-            v = v[np.isfinite(v)]
-            if not len(v):
-                return None
-            return [float(np.quantile(v, lo_q)), float(np.quantile(v, hi_q))]
+            is_pu = name in ("instance", "shared", "dataset")
+            return basic_interval(base[name], boots.get(name, []), confidence, z_of if is_pu else None, pu_of if is_pu else None)
 
+        iv_i = interval("instance")
+        if iv_i is not None:
+            share = fitted.sum() / S
+            bound["task_pu_lower"] = float(iv_i[0] * share)
+            bound["task_pu_upper"] = float(iv_i[1] * share + np.where(excluded, upper_each, 0.0).sum() / S)
         measured = _measured(grid, target, keys, estimator, fitted, usable, valid, t.present)
         methods = {}
         for name, n_used in (("instance", int(fitted.sum())), ("shared", int(usable.sum())),
                              ("dataset", int(t.present.all(1).sum()))):
-            methods[name] = {"pu": _num(base[name]), "interval": interval(name), "instances": n_used,
-                             "alpha": _num(base[f"{name}_alpha"]), "alpha_interval": interval(f"{name}_alpha"),
+            iv = interval(name)
+            methods[name] = {"pu": _num(base[name]), "interval": iv and iv[:2], "pu_bias_corrected": iv and iv[2], "instances": n_used,
+                             "alpha": _num(base[f"{name}_alpha"]), "alpha_interval": (interval(f"{name}_alpha") or [None, None])[:2],
                              "measured": measured.get(name) if measured else None}
             if name == "dataset":
                 methods[name]["log_c"] = _num(base["dataset_log_c"])
@@ -389,12 +391,13 @@ def fit(
             "instances": S, "guessable_dropped": guess.get(task, 0), "methods": methods, "censored": bound,
             "points": _points(t, x, fit_sizes),
             "instance_fits": [{"id": k[1], "a": _num(a[i]), "alpha": _num(alpha[i]), "fitted": bool(fitted[i]),
-                               "shared_a": _num(sa[i]), "predicted": _num(pred_i[i]) if fitted[i] else None}
+                               "shared_a": _num(sa[i]) if usable[i] else None, "predicted": _num(pred_i[i]) if fitted[i] else None}
                               for i, k in enumerate(keys)],
         }
         if want_quad:
             q0, q = curvature(x_all, _Task(keys, all_sizes, grid, estimator), bootstrap, rng)
-            ci = [float(np.quantile(q, lo_q)), float(np.quantile(q, hi_q))] if len(q) else None
+            ci = basic_interval(q0, q, confidence)
+            ci = ci and ci[:2]
             shape = "linear"
             if ci and ci[0] > 0:
                 shape = "convex"
@@ -404,7 +407,7 @@ def fit(
                 "shape": shape, "meaning": {"convex": "sub-scaling", "linear": "scaling-law growth",
                                             "concave": "accelerated emergence"}[shape],
                 "quadratic_coef": _num(q0), "interval": ci, "sizes": len(all_sizes),
-                "p_convex": float((q > 0).mean()) if len(q) else None, "confidence": confidence,
+                "p_convex": float((2 * q0 - q > 0).mean()) if len(q) and math.isfinite(q0) else None, "confidence": confidence,
             }
         result_tasks[task] = task_out
         if progress:
@@ -422,6 +425,27 @@ def fit(
         "bootstrap": bootstrap, "confidence": confidence, "include_guessable": include_guessable,
         "tasks": result_tasks, "table": table,
     }
+
+
+def basic_interval(estimate, replicates, confidence, transform=None, inverse=None):
+    """The basic (reverse-percentile) bootstrap interval ``[2t - q_hi, 2t - q_lo]`` and the bias-corrected
+    estimate ``2t - mean``, in ``transform`` space (``z_of`` for PU, so the interval stays in (0, 1)).
+    Unlike the percentile interval it corrects the bias the replicates show: ``z`` of a noisy PU estimate
+    is biased, and the parametric resampling reproduces that bias on top of it."""
+    v = np.asarray(replicates, dtype=np.float64)
+    v = v[np.isfinite(v)]
+    if not len(v) or estimate is None or not math.isfinite(float(estimate)):
+        return None
+    f = transform or (lambda u: np.asarray(u, dtype=np.float64))
+    g = inverse or (lambda u: u)
+    t, fv = float(f(estimate)), f(v)
+    fv = fv[np.isfinite(fv)]
+    if not len(fv):
+        return None
+    lo_q, hi_q = (1 - confidence) / 2, 1 - (1 - confidence) / 2
+    a, b = 2 * t - float(np.quantile(fv, hi_q)), 2 * t - float(np.quantile(fv, lo_q))
+    ends = sorted([float(g(a)), float(g(b))])
+    return [ends[0], ends[1], float(g(2 * t - float(fv.mean())))]
 
 
 def _num(v):
