@@ -151,14 +151,16 @@ def scaling(
     target = report["target"]
     title = (f"predicted PU at N = {target['n']:,.0f} ({report['size_key']}; {report['estimator']}); "
              f"fit span {report['fit_span_decades']:.2f} decades, extrapolating {report['extrapolation_decades']:.2f}")
-    table = Table(title=title)
-    for col in ("Task", "method", "instances", "alpha", "predicted", f"{100 * confidence:g}% interval", "measured", "rel. error"):
+    table = Table(title=title, caption="predicted: bias-corrected by the bootstrap (2 x plug-in - bootstrap mean, in "
+                  "log(-log PU)); interval: basic bootstrap over instances and sampling noise; alpha: per-instance median")
+    for col in ("Task", "method", "instances", "alpha", "predicted", f"{100 * confidence:g}% interval", "plug-in", "measured", "rel. error"):
         table.add_column(col, justify="left" if col in ("Task", "method") else "right")
     for task, res in report["tasks"].items():
         for name, m in res["methods"].items():
             iv = m["interval"]
             table.add_row(task, name, str(m["instances"]), "-" if m["alpha"] is None else f"{m['alpha']:.3f}",
                           "-" if m["pu"] is None else f"{m['pu']:.4g}", f"[{iv[0]:.3g}, {iv[1]:.3g}]" if iv else "-",
+                          "-" if m["pu_plugin"] is None else f"{m['pu_plugin']:.4g}",
                           "-" if m["measured"] is None else f"{m['measured']:.4g}",
                           "-" if not m["measured"] or m["pu"] is None else f"{m['pu'] / m['measured'] - 1:+.1%}")
         table.add_section()

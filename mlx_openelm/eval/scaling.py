@@ -33,7 +33,12 @@ from ..utils import Progress
 
 ESTIMATORS = ("pu", "pu_mle", "p_exact")
 SIZE_KEYS = ("n_params", "n_params_nonembedding")
-P_MAX = 1 - 1e-9  # PU = 1 has no z; a run whose every sample passed is clipped below
+P_MAX = 1 - 1e-9  # PU = 1 has no z
+
+
+def clip_all_passed(p, k):
+    """A run whose first r samples all passed estimates PU = 1 (z = -inf): use at most 1 - 1/(2K)."""
+    return np.minimum(p, 1 - 0.5 / np.maximum(k, 1))
 
 
 def z_of(p):
@@ -108,6 +113,7 @@ class _Task:
                     self.r[i, j] = float(row.get("r", 1))
                     self.cap[i, j] = float(row.get("max_samples", row.get("samples", 1)))
                     self.p_high[i, j] = float(row.get("pu_high", np.nan))
+                    self.p[i, j] = float(clip_all_passed(self.p[i, j], float(row.get("samples") or 1)))
                 else:
                     self.censored[i, j] = float(value) <= 0
                     self.p_high[i, j] = float(value)
@@ -261,7 +267,7 @@ def resample_measurements(rng: np.random.Generator, p, present, censored, r, cap
     times = np.cumsum(gaps, -1)
     k = times[..., -1]  # the r-th pass
     done = pos & (k <= cap)
-    new_p = np.where(done, np.where(k > 1, (r - 1) / np.maximum(k - 1, 1), 1.0), 0.0)
+    new_p = np.where(done, clip_all_passed(np.where(k > 1, (r - 1) / np.maximum(k - 1, 1), 1.0), k), 0.0)
     m = ((times <= cap[..., None]) & (ranks[None, None, :] <= r[..., None])).sum(-1)
     new_c = present & ~done
     new_p = np.where(new_c, np.where(pos, m / cap, 0.0), new_p)
@@ -377,7 +383,8 @@ def fit(
         for name, n_used in (("instance", int(fitted.sum())), ("shared", int(usable.sum())),
                              ("dataset", int(t.present.all(1).sum()))):
             iv = interval(name)
-            methods[name] = {"pu": _num(base[name]), "interval": iv and iv[:2], "pu_bias_corrected": iv and iv[2], "instances": n_used,
+            methods[name] = {"pu": iv[2] if iv else _num(base[name]), "pu_plugin": _num(base[name]), "interval": iv and iv[:2],
+                             "instances": n_used,
                              "alpha": _num(base[f"{name}_alpha"]), "alpha_interval": (interval(f"{name}_alpha") or [None, None])[:2],
                              "measured": measured.get(name) if measured else None}
             if name == "dataset":
@@ -523,12 +530,9 @@ def plot(report: Dict[str, Any], path) -> Path:
                 continue
             xo = xt + (k - 1) * 0.03
             zc = float(z_of(m["pu"]))
-            if m["interval"]:
-                zl, zh = z_of(m["interval"][1]), z_of(m["interval"][0])  # z falls as PU rises
-                ax.errorbar([xo], [zc], yerr=[[zc - zl], [zh - zc]], fmt="o", color=colors[name], capsize=3,
-                            label=f"{name}: {m['pu']:.3g}")
-            else:
-                ax.plot([xo], [zc], "o", color=colors[name], label=f"{name}: {m['pu']:.3g}")
+            if m["interval"]:  # z falls as PU rises
+                ax.vlines(xo, float(z_of(m["interval"][1])), float(z_of(m["interval"][0])), color=colors[name], lw=2, alpha=0.6)
+            ax.plot([xo], [zc], "o", color=colors[name], label=f"{name}: {m['pu']:.3g}")
             if m["measured"] and name == "dataset":
                 ax.plot([xt], [float(z_of(m["measured"]))], "*", color="k", ms=12, label=f"measured: {m['measured']:.3g}")
         ax.axvline(xt, color="0.6", ls=":", lw=1)
