@@ -151,7 +151,7 @@ def scaling(
     target = report["target"]
     title = (f"predicted PU at N = {target['n']:,.0f} ({report['size_key']}; {report['estimator']}); "
              f"fit span {report['fit_span_decades']:.2f} decades, extrapolating {report['extrapolation_decades']:.2f}")
-    table = Table(title=title, caption="predicted: bias-corrected by the bootstrap (2 x plug-in - bootstrap mean, in "
+    table = Table(title=title, caption="predicted: for sampled PU bias-corrected by the bootstrap (2 x plug-in - bootstrap mean, in "
                   "log(-log PU)); interval: basic bootstrap over instances and sampling noise; alpha: per-instance median")
     for col in ("Task", "method", "instances", "alpha", "predicted", f"{100 * confidence:g}% interval", "plug-in", "measured", "rel. error"):
         table.add_column(col, justify="left" if col in ("Task", "method") else "right")

@@ -383,7 +383,7 @@ def fit(
         for name, n_used in (("instance", int(fitted.sum())), ("shared", int(usable.sum())),
                              ("dataset", int(t.present.all(1).sum()))):
             iv = interval(name)
-            methods[name] = {"pu": iv[2] if iv else _num(base[name]), "pu_plugin": _num(base[name]), "interval": iv and iv[:2],
+            methods[name] = {"pu": iv[2] if iv and t.sampled else _num(base[name]), "pu_plugin": _num(base[name]), "interval": iv and iv[:2],
                              "instances": n_used,
                              "alpha": _num(base[f"{name}_alpha"]), "alpha_interval": (interval(f"{name}_alpha") or [None, None])[:2],
                              "measured": measured.get(name) if measured else None}
