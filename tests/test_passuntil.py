@@ -230,3 +230,31 @@ def test_run_writes_rows_and_resumes(tok, tmp_path):
     assert len(P.read_results(out)) == 3
     with pytest.raises(ValueError, match="its r is 2"):
         P.run(model, tok, items, P.PassUntilConfig(r=3, max_samples=200), out, model_name="tiny", resume=True)
+
+
+def test_items_from_local_lm_eval_tasks(tmp_path, monkeypatch):
+    """lm-eval task YAMLs over a local JSON file (no network): a generate_until task with its stop strings and
+    exact_match options, and a loglikelihood task (arithmetic-style: the continuation is the target, '\\n' ends it)."""
+    pytest.importorskip("lm_eval")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("TQDM_DISABLE", "1")
+    docs = tmp_path / "docs.jsonl"
+    docs.write_text("".join(json.dumps({"context": f"Question: What is {i} plus {i}?\nAnswer:", "completion": f" {2 * i}",
+                                        "options": "red, blue" if i == 2 else ""}) + "\n" for i in range(1, 5)))
+    common = f"dataset_path: json\ndataset_kwargs:\n  data_files:\n    validation: {docs}\nvalidation_split: validation\n"
+    (tmp_path / "gen.yaml").write_text(
+        "task: pu_gen\n" + common + "output_type: generate_until\ndoc_to_text: '{{context}}{{options}}'\n"
+        "doc_to_target: '{{completion}}'\ngeneration_kwargs:\n  until: [\"\\n\", \"Question:\"]\n  max_gen_toks: 12\n"
+        "metric_list:\n  - metric: exact_match\n    ignore_case: true\n")
+    (tmp_path / "ll.yaml").write_text(
+        "task: pu_ll\n" + common + "output_type: loglikelihood\ndoc_to_text: '{{context}}'\ndoc_to_target: '{{completion}}'\n"
+        "target_delimiter: ''\nmetric_list:\n  - metric: acc\n")
+    items = P.task_items(["pu_gen", "pu_ll"], limit=3, include_path=str(tmp_path))
+    gen = [i for i in items if i.task == "pu_gen"]
+    ll = [i for i in items if i.task == "pu_ll"]
+    assert len(gen) == 3 and len(ll) == 3
+    assert gen[0].prompt == "Question: What is 1 plus 1?\nAnswer:" and gen[0].targets == [" 2"]
+    assert gen[0].stop == ["\n", "Question:"] and gen[0].ignore_case and gen[0].max_tokens == 12
+    assert ll[2].targets == [" 6"] and ll[2].stop == ["\n"] and ll[2].max_tokens is None
+    assert not gen[0].guessable and not gen[2].guessable
+    assert P.passes(" 6\nQuestion: next", ll[2])

@@ -156,12 +156,20 @@ def task_items(tasks: Sequence[str], limit: Optional[int] = None, include_path: 
     target is the continuation and whose answer ends at a newline; multiple-choice tasks are refused."""
     from lm_eval.tasks import TaskManager, get_task_dict
 
-    manager = TaskManager(include_path=str(include_path)) if include_path else TaskManager()
+    manager = None
+    if include_path:
+        try:  # scanning lm-eval's own few thousand task files takes seconds: try the folder alone first
+            local = TaskManager(include_path=str(include_path), include_defaults=False)
+            manager = local if all(t in local.all_tasks for t in tasks) else None
+        except TypeError:  # lm-eval without include_defaults
+            manager = None
+    manager = manager or (TaskManager(include_path=str(include_path)) if include_path else TaskManager())
     unknown = [t for t in tasks if t not in manager.all_tasks]
     if unknown:
         raise ValueError(f"lm-eval has no task {', '.join(unknown)}; see `lm-eval ls tasks`")
     items: List[Item] = []
-    for name, task in _flatten(get_task_dict(list(tasks), manager)):
+    loaded = manager.load(list(tasks))["tasks"] if hasattr(manager, "load") else dict(_flatten(get_task_dict(list(tasks), manager)))
+    for name, task in loaded.items():
         kind = task.OUTPUT_TYPE
         if kind not in ("generate_until", "loglikelihood"):
             raise ValueError(f"task {name} is {kind}: PassUntil needs generated answers (generate_until or loglikelihood tasks)")
