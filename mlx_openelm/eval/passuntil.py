@@ -401,14 +401,13 @@ def sample_batch(model: nn.Module, tokenizer: "Tokenizer", item: Item, prompt_ca
     logits = mx.broadcast_to(last_logits, (n, last_logits.shape[-1]))
     rows: List[List[int]] = [[] for _ in range(n)]
     result: List[Optional[bool]] = [None] * n
+    live = list(range(n))  # the sample each batch row holds; finished rows leave the batch
     eos = tokenizer.eos_id
     for step in range(max_tokens):
         logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
         tokens = sampler(logprobs)
-        toks = tokens.tolist()
-        for j, t in enumerate(toks):
-            if result[j] is not None:
-                continue
+        keep = []
+        for pos, (j, t) in enumerate(zip(live, tokens.tolist())):
             if t == eos:
                 result[j] = passes(tokenizer.decode(rows[j]), item)
                 continue
@@ -418,10 +417,17 @@ def sample_batch(model: nn.Module, tokenizer: "Tokenizer", item: Item, prompt_ca
                 result[j] = passes(text, item)
             elif not _can_still_pass(text, item):
                 result[j] = False
-        if all(r is not None for r in result) or step == max_tokens - 1:
-            break
+            else:
+                keep.append(pos)
+        if not keep or step == max_tokens - 1:
+            break  # out of tokens: an answer without its stop (or EOS) does not pass
+        if len(keep) < len(live):
+            index = mx.array(keep)
+            for c in cache:
+                c.keys, c.values = c.keys[index], c.values[index]
+            tokens = tokens[index]
+            live = [live[pos] for pos in keep]
         logits = model(tokens[:, None], cache=cache)[:, -1, :].astype(mx.float32)
-    # out of tokens: grade what was generated (an answer without its stop does not pass unless at EOS)
     return [bool(r) for r in result]
 
 
