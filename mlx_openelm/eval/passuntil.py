@@ -27,6 +27,7 @@ import math
 import re
 import string
 import time
+import weakref
 import zlib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -323,29 +324,32 @@ def model_size(model: nn.Module) -> Dict[str, int]:
     return {"n_params": total, "n_params_nonembedding": total - embedding * (1 if args.share_input_output_layers else 2)}
 
 
-_TOKEN_TEXTS: Dict[int, List[str]] = {}
+_CACHE: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # tokenizer -> {"texts": [...], stop tuple: ids}
 
 
 def token_texts(tokenizer: "Tokenizer") -> List[str]:
     """The text each token adds after some text (its leading space kept); cached per tokenizer."""
-    key = id(tokenizer)
-    if key not in _TOKEN_TEXTS:
+    cache = _CACHE.setdefault(tokenizer, {})
+    if "texts" not in cache:
         prefix = tokenizer.encode("a", add_bos=False)
         base = tokenizer.decode(prefix)
-        _TOKEN_TEXTS[key] = [tokenizer.decode(prefix + [i])[len(base):] for i in range(tokenizer.vocab_size)]
-    return _TOKEN_TEXTS[key]
+        cache["texts"] = [tokenizer.decode(prefix + [i])[len(base):] for i in range(tokenizer.vocab_size)]
+    return cache["texts"]
 
 
 def stop_token_ids(tokenizer: "Tokenizer", stop: Sequence[str]) -> List[int]:
     """Tokens that end an answer that is complete: EOS, and tokens whose text is a stop string
     preceded by whitespace only."""
-    ids = {tokenizer.eos_id}
-    if stop:
-        for i, text in enumerate(token_texts(tokenizer)):
+    cache = _CACHE.setdefault(tokenizer, {})
+    key = tuple(stop)
+    if key not in cache:
+        ids = {tokenizer.eos_id}
+        for i, text in enumerate(token_texts(tokenizer) if stop else []):
             cut = cut_at_stop(text, stop)
             if cut is not None and not text[:cut].strip():
                 ids.add(i)
-    return sorted(ids)
+        cache[key] = sorted(ids)
+    return list(cache[key])
 
 
 def _log_softmax64(logits: mx.array, temperature: float) -> np.ndarray:
