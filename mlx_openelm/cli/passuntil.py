@@ -90,7 +90,8 @@ def _summary(rows, config, console) -> None:
     for row in rows:
         by_task[row["task"]].append(row)
     table = Table(title=f"PassUntil (r={config.r}, cap {config.max_samples:,}, T={config.temperature})")
-    for col in ("Task", "items", "guessable", "censored", "samples", "samples/s", "mean PU", "mean r/K", "mean p_exact"):
+    for col in ("Task", "items", "guessable", "censored", "samples", "samples/s", "mean PU", "mean r/K", "mean p_exact",
+                "planned samples"):
         table.add_column(col, justify="left" if col == "Task" else "right")
     for task, rs in by_task.items():
         sampled = [x for x in rs if x.get("pu") is not None]
@@ -101,7 +102,10 @@ def _summary(rows, config, console) -> None:
         table.add_row(task, str(len(rs)), str(sum(bool(x.get("guessable")) for x in rs)),
                       str(sum(bool(x.get("censored")) for x in rs)), f"{sum(int(x.get('samples') or 0) for x in rs):,}",
                       f"{sum(int(x.get('samples') or 0) for x in rs) / max(sum(x.get('seconds') or 0 for x in rs), 1e-9):,.0f}",
-                      mean("pu"), mean("pu_mle"), mean("p_exact", rs))
+                      mean("pu"), mean("pu_mle"), mean("p_exact", rs),
+                      f"{sum(min(config.r / max(x['p_exact'], 1e-300), config.max_samples) for x in rs):,.0f}")
+    table.caption = ("planned samples: sum over items of min(r / p_exact, max_samples), the budget sample-until-pass "
+                     "needs with these settings (p_exact <= PU, so an upper estimate)")
     console.print(table)
 
 
