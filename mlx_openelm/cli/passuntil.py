@@ -172,9 +172,10 @@ def scaling(
     console.print(table)
     for task, res in report["tasks"].items():
         c = res["censored"]
+        bound = (f"task mean PU bound [{c['task_pu_lower']:.4g}, {c['task_pu_upper']:.4g}]" if c["task_pu_lower"] is not None
+                 else "no instance could be fitted")
         console.print(f"{task}: {c['instances_excluded']} of {res['instances']} instances without a per-instance fit "
-                      f"(censored or < 2 usable sizes); task mean PU bound [{c['task_pu_lower']:.4g}, {c['task_pu_upper']:.4g}]; "
-                      f"{res['guessable_dropped']} guessable dropped", highlight=False)
+                      f"(censored or < 2 usable sizes); {bound}; {res['guessable_dropped']} guessable dropped", highlight=False)
         if "curvature" in res:
             cv = res["curvature"]
             iv = cv["interval"]

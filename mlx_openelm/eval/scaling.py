@@ -539,7 +539,8 @@ def plot(report: Dict[str, Any], path) -> Path:
         ax.set_title(task + (f" ({res['curvature']['shape']})" if "curvature" in res else ""))
         ax.set_xlabel(f"log N ({report['size_key']})")
         ax.set_ylabel("log(-log PU)")
-        ax.legend(fontsize=7)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
     for ax in list(axes.flat)[len(tasks):]:
         ax.axis("off")
     fig.tight_layout()
