@@ -10,7 +10,9 @@ For every item (a prompt, the strings that pass, the stop strings):
 - sample-until-pass: ancestral samples at ``temperature`` in batches that share one prompt prefill
   (the batch-1 KV cache repeated along the batch axis), graded as lm-eval's ``generate_until`` +
   ``exact_match`` do (cut at the first stop string, strip, optional case/punctuation/regex rules),
-  until ``r`` samples pass or ``max_samples`` are drawn (right-censored).
+  until ``r`` samples pass or ``max_samples`` are drawn (right-censored). Both condition on the prompt
+  tokenised as lm-eval's loglikelihood requests split it (trailing whitespace moves to the answer), so
+  the sampled and the teacher-forced probabilities are of the same event.
 
 Estimators (``estimate``): ``pu = (r-1)/(K-1)``, the unbiased one (with a censored run's ``m/K_max``
 the whole sampling plan stays unbiased: Girshick, Mosteller & Savage 1946), ``pu_mle = r/K`` (the
