@@ -42,7 +42,7 @@ def expected_r_over_k(p, r):
     return float(np.sum(r / k * np.exp(log_pmf)))
 
 
-@pytest.mark.parametrize("p,r,cap", [(0.2, 2, None), (0.01, 2, None), (1e-3, 2, None), (1e-3, 4, None), (1e-3, 2, 1500)])
+@pytest.mark.parametrize("p,r,cap", [(0.2, 2, None), (0.01, 1, None), (0.01, 2, None), (1e-3, 2, None), (1e-3, 4, None), (1e-3, 2, 1500)])
 def test_unbiased_estimator_and_mle_bias(p, r, cap):
     rng = np.random.default_rng(int(p * 1e4) + r)
     n = 20000
