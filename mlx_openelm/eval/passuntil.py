@@ -31,7 +31,7 @@ import string
 import time
 import weakref
 import zlib
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Dict, Iterable, List, Optional, Sequence
 
@@ -67,6 +67,7 @@ class Item:
     max_tokens: Optional[int] = None  # sampled tokens per try (default: 2 x the longest target + 8)
     ignore_case: bool = False
     ignore_punctuation: bool = False
+    ignore_numbers: bool = False
     regexes_to_ignore: List[str] = field(default_factory=list)
 
     def __post_init__(self):
@@ -196,7 +197,7 @@ def task_items(tasks: Sequence[str], limit: Optional[int] = None, include_path: 
                 id=str(i), prompt=str(prompt), targets=targets, stop=stop, task=name,
                 max_tokens=None if max_gen is None else int(max_gen),
                 ignore_case=bool(em.get("ignore_case", False)), ignore_punctuation=bool(em.get("ignore_punctuation", False)),
-                regexes_to_ignore=list(em.get("regexes_to_ignore") or []),
+                ignore_numbers=bool(em.get("ignore_numbers", False)), regexes_to_ignore=list(em.get("regexes_to_ignore") or []),
             ))
     _check_unique(items)
     return items
@@ -226,6 +227,8 @@ def normalize(text: str, item: Item) -> str:
         text = text.lower()
     if item.ignore_punctuation:
         text = text.translate(str.maketrans("", "", string.punctuation))
+    if item.ignore_numbers:
+        text = text.translate(str.maketrans("", "", string.digits))
     return text.strip()
 
 
@@ -238,7 +241,7 @@ def passes(text: str, item: Item) -> bool:
 
 def _can_still_pass(text: str, item: Item) -> bool:
     """False once no continuation of ``text`` can pass (plain exact match only; otherwise True)."""
-    if item.regexes_to_ignore or item.ignore_punctuation:
+    if item.regexes_to_ignore or item.ignore_punctuation or item.ignore_numbers:
         return True
     u = text.rstrip("\ufffd").lstrip().rstrip()  # an unfinished UTF-8 character decodes as U+FFFD
     if item.ignore_case:
@@ -471,7 +474,7 @@ def measure_item(model: nn.Module, tokenizer: "Tokenizer", item: Item, config: P
     t0 = time.perf_counter()
     exact = p_exact(model, tokenizer, item, config.temperature)
     row: Dict[str, Any] = {"task": item.task, "id": item.id, "guessable": item.guessable, "r": config.r,
-                           "max_samples": config.max_samples, "temperature": config.temperature,
+                           "max_samples": config.max_samples, "temperature": config.temperature, "sampling": config.sampling,
                            "p_exact": exact["p_exact"], "target_tokens": exact["target_tokens"]}
     if config.sampling:
         run = sample_until_pass(model, tokenizer, item, config, on_batch)
@@ -486,7 +489,7 @@ def measure_item(model: nn.Module, tokenizer: "Tokenizer", item: Item, config: P
 
 # ----------------------------------------------------------------------------------- runs and files
 
-_RUN_KEYS = ("model", "r", "max_samples", "temperature")
+_RUN_KEYS = ("model", "r", "max_samples", "temperature", "sampling")
 
 
 def read_results(path) -> List[Dict[str, Any]]:
@@ -527,7 +530,8 @@ def run(
     ``("censored", count, done)``."""
     output = Path(output)
     sizes = model_size(model)
-    fixed = {"model": model_name, "r": config.r, "max_samples": config.max_samples, "temperature": config.temperature}
+    fixed = {"model": model_name, "r": config.r, "max_samples": config.max_samples, "temperature": config.temperature,
+             "sampling": config.sampling}
     rows: List[Dict[str, Any]] = []
     if output.exists():
         if not resume:
@@ -572,6 +576,3 @@ def run(
             report()
     return rows
 
-
-def config_dict(config: PassUntilConfig) -> Dict[str, Any]:
-    return asdict(config)
