@@ -186,3 +186,31 @@ def test_cli_passuntil_then_scaling(tmp_path, sp_model_path, capsys, monkeypatch
     assert png.read_bytes()[:4] == b"\x89PNG"
     code, _, err = _cli(capsys, "scaling", "--results", str(results[0]), "--predict-n", "5e5", "--output", str(tmp_path / "x.json"))
     assert code == 1 and "at least 2 model sizes" in err and not (tmp_path / "x.json").exists()
+
+
+def test_point_estimates_for_the_fits():
+    from scipy.special import digamma
+
+    r = np.array([1, 2, 3, 8])
+    assert np.allclose(S.digamma_int(r), digamma(r))
+    # pu_log = exp(psi(r))/K is unbiased for log p at small p (K p ~ Gamma(r)); pu = (r-1)/(K-1) is not
+    rng = np.random.default_rng(0)
+    p, rr, n = 1e-3, 2, 40000
+    k = np.cumsum(rng.geometric(p, size=(n, rr)), 1)[:, -1].astype(float)
+    for kind, biased in (("pu_log", False), ("pu", True)):
+        logs = np.log(S.point_estimate(kind, rr, k))
+        se = logs.std() / math.sqrt(n)
+        assert (abs(logs.mean() - math.log(p)) > 5 * se) == biased, (kind, logs.mean() - math.log(p))
+    assert S.point_estimate("pu_mle", 2, 4) == 0.5 and S.point_estimate("pu", 2, 2) == 0.75  # all passed: 1 - 1/(2K)
+
+
+def test_r2_fit_recovers_the_slope():
+    rng = np.random.default_rng(11)
+    a = rng.normal(7.2, 0.3, 60)
+    runs = law_results([271527168, 457179136, 1079891456], a, np.full(60, 0.35), r=2, cap=10000, seed=12)
+    report = S.fit(runs, predict_name="3B", bootstrap=200, seed=0)
+    shared = report["tasks"]["law"]["methods"]["shared"]
+    truth = np.exp(-np.exp(a - 0.35 * math.log(S.named_size("3B")))).mean()
+    assert shared["alpha_interval"][0] <= 0.35 <= shared["alpha_interval"][1]
+    assert shared["interval"][0] <= truth <= shared["interval"][1]
+    assert report["fit_span_decades"] == pytest.approx(0.60, abs=0.01) and report["extrapolation_decades"] == pytest.approx(0.45, abs=0.01)

@@ -118,7 +118,8 @@ def scaling(
     predict_n: Optional[float] = typer.Option(None, "--predict-n", help="Parameter count to predict (default: the largest "
                                               "measured size, held out)."),
     size: str = typer.Option("total", "--size", help="N for the fits: total or nonembedding parameters (from each model's config)."),
-    estimator: str = typer.Option("pu", "--estimator", help="pu (unbiased (r-1)/(K-1)), pu_mle (r/K) or p_exact."),
+    estimator: str = typer.Option("pu", "--estimator", help="pu (unbiased (r-1)/(K-1)), pu_log (exp(psi(r))/K: "
+                                    "unbiased log p), pu_mle (r/K) or p_exact (teacher-forced, no sampling noise)."),
     bootstrap: int = typer.Option(1000, "--bootstrap", help="Bootstrap replicates (instances and sampling noise)."),
     confidence: float = typer.Option(0.95, "--confidence", help="Level of the intervals."),
     include_guessable: bool = typer.Option(False, "--include-guessable", help="Keep items random guessing can pass."),

@@ -5,7 +5,9 @@ Input: PassUntil result rows (``eval.passuntil``) of several model sizes; N is e
 
 - **instance**: one weighted least-squares line per instance over the sizes where it was measured
   and not censored (weights ``1/Var z`` with ``Var z ~ (1-p)/(r (log p)^2)``, the delta method on the
-  negative-binomial estimate); the task prediction is the mean of the instances' predicted PU.
+  negative-binomial estimate, evaluated once at the measured p and then at the shared-slope fit's
+  fitted p: weights from the measured p favour the points that came out low); the task prediction is
+  the mean of the instances' predicted PU.
 - **shared**: one slope ``alpha`` per task and one intercept per instance (instances with a single
   usable size still get their intercept); the mean of the predicted PU.
 - **dataset**: one line through ``log(-log mean PU)`` of the instances measured at every size
@@ -31,9 +33,31 @@ import numpy as np
 
 from ..utils import Progress
 
-ESTIMATORS = ("pu", "pu_mle", "p_exact")
+ESTIMATORS = ("pu", "pu_log", "pu_mle", "p_exact")
 SIZE_KEYS = ("n_params", "n_params_nonembedding")
 P_MAX = 1 - 1e-9  # PU = 1 has no z
+
+
+def digamma_int(r):
+    """psi(r) for integer r >= 1: -gamma + sum_{j<r} 1/j (elementwise)."""
+    r = np.asarray(r, dtype=np.int64)
+    table = np.concatenate([[np.nan], -np.euler_gamma + np.concatenate([[0.0], np.cumsum(1.0 / np.arange(1, max(int(r.max()), 1)))])])
+    return table[r]
+
+
+def point_estimate(kind: str, r, k):
+    """PU from a finished run (r-th pass at sample k): ``pu`` = (r-1)/(k-1) (unbiased for p), ``pu_mle`` = r/k,
+    ``pu_log`` = exp(psi(r))/k (unbiased for log p when p is small: k p ~ Gamma(r)), which is what
+    ``log(-log PU)`` needs; ``pu`` biases log p down by psi(r) - log(r-1) (0.42 nats at r = 2)."""
+    r = np.asarray(r, dtype=np.float64)
+    k = np.asarray(k, dtype=np.float64)
+    if kind == "pu_mle":
+        est = r / k
+    elif kind == "pu_log":
+        est = np.exp(digamma_int(np.maximum(r, 1).astype(np.int64))) / k
+    else:
+        est = np.where(k > 1, (r - 1) / np.maximum(k - 1, 1), 1.0)
+    return clip_all_passed(np.minimum(est, 1.0), k)
 
 
 def clip_all_passed(p, k):
@@ -97,12 +121,13 @@ class _Task:
         self.cap = np.ones((S, M))
         self.p_high = np.full((S, M), np.nan)
         self.sampled = estimator != "p_exact"
+        self.estimator = estimator
         for i, key in enumerate(keys):
             for j, n in enumerate(sizes):
                 row = grid[n]["rows"].get(key)
                 if row is None:
                     continue
-                value = row.get(estimator)
+                value = row.get("pu" if estimator == "pu_log" else estimator)
                 if value is None:
                     raise ValueError(f"row {key} of the {n}-parameter model has no {estimator!r} (run without --no-sampling, "
                                      "or fit estimator='p_exact')")
@@ -113,7 +138,8 @@ class _Task:
                     self.r[i, j] = float(row.get("r", 1))
                     self.cap[i, j] = float(row.get("max_samples", row.get("samples", 1)))
                     self.p_high[i, j] = float(row.get("pu_high", np.nan))
-                    self.p[i, j] = float(clip_all_passed(self.p[i, j], float(row.get("samples") or 1)))
+                    if not self.censored[i, j] and row.get("samples"):
+                        self.p[i, j] = float(point_estimate(estimator, self.r[i, j], float(row["samples"])))
                 else:
                     self.censored[i, j] = float(value) <= 0
                     self.p_high[i, j] = float(value)
@@ -210,6 +236,13 @@ def _predict_all(x, xt, t: "_Task", p, censored):
     """The three predictions (and the quadratic coefficient) for one (possibly resampled) data set."""
     valid = _valid(p, t.present, censored)
     w = _weights(p, t.r, t.sampled)
+    if t.sampled:
+        # weights from the measured p favour the points whose p came out low (|log p| large): refit once
+        # with weights from the shared-slope fit's fitted values (iteratively reweighted least squares)
+        sa0, salpha0, usable0 = fit_shared(x, p, valid, w)
+        if np.isfinite(salpha0):
+            p_fit = pu_of(sa0[:, None] - salpha0 * x[None, :])
+            w = np.where(usable0[:, None], _weights(np.clip(p_fit, 1e-300, 1 - 1e-6), t.r, True), w)
     out: Dict[str, Any] = {}
     a, alpha, fitted = fit_instances(x, p, valid, w)
     pred_i = pu_of(a - alpha * xt)
@@ -246,13 +279,13 @@ def curvature(x, t: "_Task", bootstrap: int, rng: np.random.Generator):
     reps = []
     for _ in range(bootstrap):
         tb = _subset(t, rng.integers(0, len(t.keys), len(t.keys)))
-        pb, cb = resample_measurements(rng, tb.p, tb.present, tb.censored, tb.r, tb.cap) if t.sampled else (tb.p, tb.censored)
+        pb, cb = resample_measurements(rng, tb.p, tb.present, tb.censored, tb.r, tb.cap, t.estimator) if t.sampled else (tb.p, tb.censored)
         reps.append(_dataset_quad(x, tb, pb, cb))
     q = np.array(reps, dtype=np.float64)
     return q0, q[np.isfinite(q)]
 
 
-def resample_measurements(rng: np.random.Generator, p, present, censored, r, cap):
+def resample_measurements(rng: np.random.Generator, p, present, censored, r, cap, kind: str = "pu"):
     """Redraw every sampled measurement from its own plan (until r passes, at most cap samples) at p:
     the unbiased estimate and the censoring flag of the new run."""
     S, M = p.shape
@@ -267,7 +300,7 @@ def resample_measurements(rng: np.random.Generator, p, present, censored, r, cap
     times = np.cumsum(gaps, -1)
     k = times[..., -1]  # the r-th pass
     done = pos & (k <= cap)
-    new_p = np.where(done, clip_all_passed(np.where(k > 1, (r - 1) / np.maximum(k - 1, 1), 1.0), k), 0.0)
+    new_p = np.where(done, point_estimate(kind, r, np.maximum(k, 1)), 0.0)
     m = ((times <= cap[..., None]) & (ranks[None, None, :] <= r[..., None])).sum(-1)
     new_c = present & ~done
     new_p = np.where(new_c, np.where(pos, m / cap, 0.0), new_p)
@@ -359,7 +392,7 @@ def fit(
             idx = rng.integers(0, S, S)
             tb = _subset(t, idx)
             if t.sampled:
-                pb, cb = resample_measurements(rng, tb.p, tb.present, tb.censored, tb.r, tb.cap)
+                pb, cb = resample_measurements(rng, tb.p, tb.present, tb.censored, tb.r, tb.cap, t.estimator)
             else:
                 pb, cb = tb.p, tb.censored
             res = _predict_all(x, xt, tb, pb, cb)
@@ -465,7 +498,7 @@ def _subset(t: "_Task", idx) -> "_Task":
     for name in ("p", "present", "censored", "r", "cap", "p_high"):
         setattr(new, name, getattr(t, name)[idx])
     new.keys = [t.keys[i] for i in idx]
-    new.sampled = t.sampled
+    new.sampled, new.estimator = t.sampled, t.estimator
     return new
 
 
