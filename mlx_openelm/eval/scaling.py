@@ -137,7 +137,8 @@ class _Task:
                     self.censored[i, j] = bool(row.get("censored"))
                     self.r[i, j] = float(row.get("r", 1))
                     self.cap[i, j] = float(row.get("max_samples", row.get("samples", 1)))
-                    self.p_high[i, j] = float(row.get("pu_high", np.nan))
+                    high = row.get("pu_high")
+                    self.p_high[i, j] = np.nan if high is None else float(high)
                     if not self.censored[i, j] and row.get("samples"):
                         self.p[i, j] = float(point_estimate(estimator, self.r[i, j], float(row["samples"])))
                 else:
