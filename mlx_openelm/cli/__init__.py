@@ -23,6 +23,8 @@ COMMANDS = {
     "fuse": ("train", "fuse", "Fold LoRA/DoRA adapters into the base weights: a standalone model."),
     "eval": ("evaluate", "eval_", "Zero-shot accuracy: the paper's lm-eval table, or the 8 commonsense tasks."),
     "bench": ("bench", "bench", "Prompt/decode speed, time to first token, peak memory; the RMSNorm study."),
+    "memorization": ("openness", "memorization", "Memorization score of checkpoints on training data (LLM360 Analysis360)."),
+    "plot": ("openness", "plot", "Training curves from metrics.jsonl or CoreNet's training_logs.txt."),
 }
 
 PROG = "mlx-openelm"
