@@ -173,9 +173,14 @@ def greedy_continuations(model, prompts: np.ndarray, length: int, eos_token_id: 
         mx.async_eval(y)
         out.append(y)
     gen = np.array(mx.stack(out, axis=1)).astype(np.int64)
-    if eos_token_id is not None:
-        done = np.cumsum(gen == eos_token_id, axis=1) - (gen == eos_token_id) > 0  # strictly after the first EOS
-        gen[done] = -1
+    return gen if eos_token_id is None else _after_eos(gen, eos_token_id)
+
+
+def _after_eos(gen: np.ndarray, eos_token_id: int) -> np.ndarray:
+    """-1 at every position strictly after a row's first EOS (what HF generate pads)."""
+    is_eos = gen == eos_token_id
+    gen = gen.copy()
+    gen[np.cumsum(is_eos, axis=1) - is_eos > 0] = -1
     return gen
 
 

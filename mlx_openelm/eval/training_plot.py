@@ -32,7 +32,8 @@ from typing import Any, Dict, List, Optional, Union
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
 EPOCH = re.compile(r"Epoch:\s*(\d+)\s*\[\s*(\d+)\s*/\s*(\d+)\s*\]")
 # "name: value" where value is a dict, a list or a number
-FIELD = re.compile(r"(?:^|,\s*)([A-Za-z][\w .()-]*?):\s*(\{[^}]*\}|\[[^\]]*\]|[-+]?(?:\d+\.?\d*(?:[eE][-+]?\d+)?|nan|inf))")
+FIELD = re.compile(r"(?:^|,\s*)([A-Za-z][\w .-]*?):\s*(\{[^}]*\}|\[[^\]]*\]|[-+]?(?:\d+\.?\d*(?:[eE][-+]?\d+)?|nan|inf))")
+NUMPY_SCALAR = re.compile(r"np\.\w+\(([^()]*)\)")
 METRIC_PANELS = (
     ("loss", ("loss", "val_loss"), "loss"),
     ("lr", ("lr",), "learning rate"),
@@ -78,7 +79,7 @@ def read_metrics(path: Union[str, Path]) -> Dict[str, List[List[float]]]:
 
 
 def _value(text: str):
-    text = text.strip()
+    text = NUMPY_SCALAR.sub(r"\1", text.strip())  # np.float64(2.5) -> 2.5 (logs written with numpy >= 2)
     if text in ("nan", "inf"):
         return float(text)
     try:
