@@ -213,3 +213,45 @@ def test_trainer_checkpoints_folder_expands_in_step_order(tmp_path):
     assert adapter_checkpoints(run) == expected
     assert adapter_checkpoints(run / "checkpoints") == expected
     assert [c.label for c in make_checkpoints(["base"], [str(run)])] == ["step_80", "step_160", "step_240", "run"]
+
+
+# ---------------------------------------------------------------- the command
+
+
+def test_command_on_a_corenet_pt_and_its_hf_twin(tmp_path, sp_model_path):
+    """``memorization --checkpoints A.pt B``: the CoreNet file (converted once into the cache) and
+    the HF folder of the same weights score identically; bad input is one red line, no output."""
+    import os
+    import subprocess
+    import sys
+
+    torch = pytest.importorskip("torch")
+    from conftest import write_hf_checkpoint
+
+    model = write_hf_checkpoint(tmp_path / "hf", tiny_args(), seed=4, tokenizer=sp_model_path)
+    state = {k.removeprefix("transformer."): torch.tensor(np.array(v)) for k, v in tree_flatten(model.parameters())}
+    torch.save(state, tmp_path / "checkpoint_epoch_0_iter_49999.pt")
+    rng = np.random.default_rng(5)
+    _write_jsonl(tmp_path / "train_000.jsonl", [{"token_ids": rng.integers(3, VOCAB, size=20).tolist()} for _ in range(7)])
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "MLX_OPENELM_CACHE": str(tmp_path / "cache")}
+
+    def cli(*args):
+        return subprocess.run([sys.executable, "-m", "mlx_openelm.cli", "memorization", *args], capture_output=True, text=True,
+                              cwd=Path(__file__).resolve().parents[1], env=env, timeout=300)
+
+    r = cli("--checkpoints", str(tmp_path / "checkpoint_epoch_0_iter_49999.pt"), str(tmp_path / "hf"), "--data",
+            str(tmp_path / "train_000.jsonl"), "-k", "6", "-l", "8", "-n", "5", "-b", "2", "--tokenizer", str(sp_model_path),
+            "--dtype", "float32", "--output", str(tmp_path / "out"))
+    assert r.returncode == 0, r.stderr
+    assert "Saved" in r.stdout and "token match" in r.stdout
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    a, b = summary["checkpoints"]
+    assert (a["label"], b["label"], a["sequences"]) == ("checkpoint_epoch_0_iter_49999", "hf", 5)
+    gen = [[json.loads(x)["generated"] for x in (tmp_path / "out" / s["label"] / "scores.jsonl").read_text().splitlines()] for s in (a, b)]
+    assert gen[0] == gen[1] and a["token_match"] == b["token_match"]
+
+    r = cli("--checkpoints", str(tmp_path / "hf"), "--data", str(tmp_path / "nope.jsonl"), "--output", str(tmp_path / "out2"))
+    assert r.returncode == 1 and "nope.jsonl: no such file" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "out2").exists()
+    r = cli("--checkpoints", str(tmp_path / "hf"), "--data", str(tmp_path / "train_000.jsonl"), "--output", str(tmp_path / "out"))
+    assert r.returncode == 1 and "already exists" in r.stderr

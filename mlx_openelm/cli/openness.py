@@ -30,6 +30,8 @@ def memorization(
     batch_size: int = typer.Option(_D.batch_size, "--batch-size", "-b", help="Sequences decoded together."),
     through_eos: bool = typer.Option(False, "--through-eos", help="Keep decoding after EOS (Pythia); default stops at EOS as Analysis360."),
     dtype: str = typer.Option("auto", "--dtype", help="Compute dtype: auto, float32, float16, bfloat16."),
+    tokenizer: Optional[str] = typer.Option(None, "--tokenizer", help="Tokenizer for checkpoints that ship none (CoreNet .pt): "
+                                            "a tokenizer.model, a folder with one, or a hub repo (default: meta-llama/Llama-2-7b-hf)."),
     no_figures: bool = typer.Option(False, "--no-figures", help="Skip the PNG figures (no matplotlib needed)."),
     force: bool = typer.Option(False, "--force", help="Replace an existing output folder."),
 ):
@@ -47,11 +49,11 @@ def memorization(
     err = Console(stderr=True, soft_wrap=True, highlight=False)
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn())
     with Progress(*columns, console=err, transient=True, disable=not err.is_terminal) as bar:
-        result = run_memorization(ckpts, data, output, config, dtype=dtype, figures=not no_figures, force=force,
+        result = run_memorization(ckpts, data, output, config, dtype=dtype, tokenizer=tokenizer, figures=not no_figures, force=force,
                                   progress=_progress_callback(bar))
     table = Table(title=f"memorization (k={prompt_len}, l={continuation_len}): {data}")
     for col in ("checkpoint", "sequences", "token match", "full match", "median"):
-        table.add_column(col, justify="left" if col == "checkpoint" else "right")
+        table.add_column(col, justify="left" if col == "checkpoint" else "right", overflow="fold")
     for s in result["checkpoints"]:
         table.add_row(s["label"], str(s["sequences"]), f"{s['token_match']:.4f}", f"{s['full_match']:.4f}", f"{s['quantiles']['0.5']:.4f}")
     console = Console(soft_wrap=True, highlight=False)

@@ -299,7 +299,7 @@ def make_checkpoints(checkpoints: Sequence[str], adapter_paths: Sequence[str] = 
     return out
 
 
-def _load_checkpoint(ckpt: Checkpoint, dtype: str):
+def _load_checkpoint(ckpt: Checkpoint, dtype: str, tokenizer: Optional[str] = None):
     from ..adapters import ADAPTERS_FILE, CONFIG_FILE
     from ..io.load import load
 
@@ -308,10 +308,10 @@ def _load_checkpoint(ckpt: Checkpoint, dtype: str):
         # a trainer checkpoint whose adapter_config.json lives in the run folder
         run = Path(adapter).parent.parent
         if (run / CONFIG_FILE).is_file() and (Path(adapter) / ADAPTERS_FILE).is_file():
-            model, tok = load(ckpt.model, dtype=dtype)
+            model, tok = load(ckpt.model, dtype=dtype, tokenizer=tokenizer)
             _load_adapters_with_config(model, Path(adapter), run / CONFIG_FILE)
             return model, tok
-    return load(ckpt.model, dtype=dtype, adapter_path=adapter)
+    return load(ckpt.model, dtype=dtype, adapter_path=adapter, tokenizer=tokenizer)
 
 
 def _load_adapters_with_config(model, folder: Path, config_file: Path) -> None:
@@ -348,13 +348,15 @@ def run_memorization(
     config: Optional[MemorizationConfig] = None,
     *,
     dtype: str = "auto",
+    tokenizer: Optional[str] = None,
     figures: bool = True,
     force: bool = False,
     progress: Optional[Progress] = None,
     loader: Optional[Callable[[Checkpoint], Tuple[Any, Any]]] = None,
 ) -> Dict[str, Any]:
     """Score every checkpoint on the same sampled data and write ``output`` (see the module doc);
-    returns the overall summary. ``loader(checkpoint) -> (model, tokenizer)`` replaces
+    returns the overall summary. ``tokenizer`` is passed to ``load`` for checkpoints converted on
+    first use (a CoreNet ``.pt`` ships none). ``loader(checkpoint) -> (model, tokenizer)`` replaces
     ``io.load.load`` (e.g. for models already in memory). Nothing is left on failure."""
     config = config or MemorizationConfig()
     config.validate()
@@ -366,7 +368,7 @@ def run_memorization(
         from .training_plot import _pyplot
 
         _pyplot()  # fail before any model is scored when matplotlib is missing
-    load_fn = loader or (lambda c: _load_checkpoint(c, dtype))
+    load_fn = loader or (lambda c: _load_checkpoint(c, dtype, tokenizer))
     chunks: Optional[List[Chunk]] = None
     per_ckpt: List[Dict[str, Any]] = []
     all_records: List[List[Dict[str, Any]]] = []
