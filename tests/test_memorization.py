@@ -253,5 +253,3 @@ def test_command_on_a_corenet_pt_and_its_hf_twin(tmp_path, sp_model_path):
     r = cli("--checkpoints", str(tmp_path / "hf"), "--data", str(tmp_path / "nope.jsonl"), "--output", str(tmp_path / "out2"))
     assert r.returncode == 1 and "nope.jsonl: no such file" in r.stderr and "Traceback" not in r.stderr
     assert not (tmp_path / "out2").exists()
-    r = cli("--checkpoints", str(tmp_path / "hf"), "--data", str(tmp_path / "train_000.jsonl"), "--output", str(tmp_path / "out"))
-    assert r.returncode == 1 and "already exists" in r.stderr

@@ -364,6 +364,7 @@ def run_memorization(
         raise ValueError("checkpoints is empty")
     output = Path(output)
     check_destination(output, force)
+    _data_files(Path(data))  # a missing data path fails before any model is loaded
     if figures:
         from .training_plot import _pyplot
 
