@@ -204,9 +204,9 @@ def _corenet_state(obj, name: str) -> Tuple[Dict[str, Any], Dict[str, Any]]:
         key = next((k for k in CORENET_WRAPPERS if isinstance(obj.get(k), dict)), None)
         if key is None:
             break
-        others = sorted(k for k in obj if k != key)
+        others = sorted(str(k) for k in obj if k != key)
         if "optim_state_dict" in obj or "optimizer" in obj:
-            info["corenet_checkpoint"] = f"training checkpoint: {key} taken; optimizer state and {', '.join(o for o in others if 'optim' not in o) or 'nothing else'} ignored"
+            info["corenet_checkpoint"] = f"training checkpoint: {key} taken; {', '.join(others)} ignored (never read)"
         for k in ("iterations", "epoch"):
             if isinstance(obj.get(k), int):
                 info[f"corenet_{k}"] = obj[k]
