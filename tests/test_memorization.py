@@ -253,3 +253,43 @@ def test_command_on_a_corenet_pt_and_its_hf_twin(tmp_path, sp_model_path):
     r = cli("--checkpoints", str(tmp_path / "hf"), "--data", str(tmp_path / "nope.jsonl"), "--output", str(tmp_path / "out2"))
     assert r.returncode == 1 and "nope.jsonl: no such file" in r.stderr and "Traceback" not in r.stderr
     assert not (tmp_path / "out2").exists()
+
+
+def test_lora_run_checkpoints_show_the_rise(tmp_path, sp_model_path):
+    """A trainer-layout run (``run/checkpoints/step_N`` adapters, the run's final adapters) scored
+    with ``make_checkpoints([base], [run])``; one step folder lacks adapter_config.json (the run's is used)."""
+    from mlx_openelm.adapters import CONFIG_FILE, LoRAConfig, apply_adapters, save_adapters
+
+    rng = np.random.default_rng(7)
+    k, l = 8, 16
+    seen = rng.integers(3, VOCAB, size=(4, k + l))
+    unseen = rng.integers(3, VOCAB, size=(4, k + l))
+    base = init_weights(Model(tiny_args()), seed=6)
+    base_dir = _save_folder(tmp_path / "base", base, sp_model_path)
+    cfg = LoRAConfig(rank=16, alpha=32.0, dropout=0.0)
+    model = apply_adapters(init_weights(Model(tiny_args()), seed=6), rank=16, alpha=32.0, dropout=0.0)
+    opt = optim.Adam(learning_rate=1e-2)
+    x = mx.array(seen)
+    step_fn = nn.value_and_grad(model, lambda m: nn.losses.cross_entropy(m(x[:, :-1]), x[:, 1:]).mean())
+    run = tmp_path / "run"
+    for step in range(1, 61):
+        _, grads = step_fn(model)
+        opt.update(model, grads)
+        mx.eval(model.trainable_parameters(), opt.state)
+        if step in (2, 20):
+            save_adapters(run / "checkpoints" / f"step_{step}", model, cfg)
+    save_adapters(run, model, cfg)  # the final adapters
+    (run / "checkpoints" / "step_20" / CONFIG_FILE).unlink()
+    data = tmp_path / "data"
+    data.mkdir()
+    _write_jsonl(data / "seen.jsonl", [{"token_ids": r.tolist()} for r in seen])
+    _write_jsonl(data / "unseen.jsonl", [{"token_ids": r.tolist()} for r in unseen])
+    ckpts = make_checkpoints([str(base_dir)], [str(run)])
+    assert [c.label for c in ckpts] == ["step_2", "step_20", "run"]
+    config = MemorizationConfig(prompt_len=k, continuation_len=l, num_sequences=10, batch_size=8)
+    result = run_memorization(ckpts, data, tmp_path / "out", config, dtype="float32", figures=False)
+    seen_scores = [s["chunks"]["seen"]["token_match"] for s in result["checkpoints"]]
+    unseen_scores = [s["chunks"]["unseen"]["token_match"] for s in result["checkpoints"]]
+    assert seen_scores[0] < 0.2 < seen_scores[2] and seen_scores[0] <= seen_scores[1] <= seen_scores[2]
+    assert seen_scores[2] >= 0.9 and max(unseen_scores) < 0.1
+    assert not any(p.suffix == ".png" for p in (tmp_path / "out").iterdir())
