@@ -255,41 +255,42 @@ def test_command_on_a_corenet_pt_and_its_hf_twin(tmp_path, sp_model_path):
     assert not (tmp_path / "out2").exists()
 
 
-def test_lora_run_checkpoints_show_the_rise(tmp_path, sp_model_path):
-    """A trainer-layout run (``run/checkpoints/step_N`` adapters, the run's final adapters) scored
-    with ``make_checkpoints([base], [run])``; one step folder lacks adapter_config.json (the run's is used)."""
-    from mlx_openelm.adapters import CONFIG_FILE, LoRAConfig, apply_adapters, save_adapters
+def test_sft_run_checkpoints_show_the_rise(tmp_path, sp_model_path):
+    """A real LoRA run of ``train.sft`` (``run/checkpoints/step_N`` + final adapters) scored with
+    ``make_checkpoints([base], [run])`` on its own training sequences (encoded records, BOS first, as
+    training saw them) and on unseen records; one step folder lacks adapter_config.json (the run's is used)."""
+    from mlx_openelm.adapters import CONFIG_FILE, LoRAConfig
+    from mlx_openelm.data import encode_record
+    from mlx_openelm.train import sft
 
-    rng = np.random.default_rng(7)
-    k, l = 8, 16
-    seen = rng.integers(3, VOCAB, size=(4, k + l))
-    unseen = rng.integers(3, VOCAB, size=(4, k + l))
-    base = init_weights(Model(tiny_args()), seed=6)
-    base_dir = _save_folder(tmp_path / "base", base, sp_model_path)
-    cfg = LoRAConfig(rank=16, alpha=32.0, dropout=0.0)
-    model = apply_adapters(init_weights(Model(tiny_args()), seed=6), rank=16, alpha=32.0, dropout=0.0)
-    opt = optim.Adam(learning_rate=1e-2)
-    x = mx.array(seen)
-    step_fn = nn.value_and_grad(model, lambda m: nn.losses.cross_entropy(m(x[:, :-1]), x[:, 1:]).mean())
+    words = "the cat sat on mat dog runs fast red blue green tree river city light open small large dark apple".split()
+    rng = np.random.default_rng(0)
+    records = [{"instruction": " ".join(rng.choice(words, size=10)), "input": "", "output": " ".join(rng.choice(words, size=8))}
+               for _ in range(8)]
+    base_dir = _save_folder(tmp_path / "base", init_weights(Model(tiny_args()), seed=1), sp_model_path)
     run = tmp_path / "run"
-    for step in range(1, 61):
-        _, grads = step_fn(model)
-        opt.update(model, grads)
-        mx.eval(model.trainable_parameters(), opt.state)
-        if step in (2, 20):
-            save_adapters(run / "checkpoints" / f"step_{step}", model, cfg)
-    save_adapters(run, model, cfg)  # the final adapters
+    args = sft.TrainingArgs(output_dir=str(run), adapter=LoRAConfig(rank=16, alpha=32, dropout=0.0), learning_rate=3e-3,
+                            min_learning_rate=3e-3, warmup=0, batch_size=4, grad_accum=1, iters=30, save_every=10,
+                            keep_checkpoints=0, steps_per_eval=0, seed=0, cutoff_len=128, max_grad_norm=0)
+    tok = Tokenizer(sp_model_path)
+    sft.train(init_weights(Model(tiny_args()), seed=1), tok, records[:4], [], args)
     (run / "checkpoints" / "step_20" / CONFIG_FILE).unlink()
+
+    encoded = [encode_record(tok, r, 128)[0] for r in records]
+    l = 10
+    k = min(len(ids) for ids in encoded) - l  # prompts reach into each record's own words
     data = tmp_path / "data"
     data.mkdir()
-    _write_jsonl(data / "seen.jsonl", [{"token_ids": r.tolist()} for r in seen])
-    _write_jsonl(data / "unseen.jsonl", [{"token_ids": r.tolist()} for r in unseen])
+    _write_jsonl(data / "seen.jsonl", [{"token_ids": ids} for ids in encoded[:4]])
+    _write_jsonl(data / "unseen.jsonl", [{"token_ids": ids} for ids in encoded[4:]])
     ckpts = make_checkpoints([str(base_dir)], [str(run)])
-    assert [c.label for c in ckpts] == ["step_2", "step_20", "run"]
+    assert [c.label for c in ckpts] == ["step_10", "step_20", "run"]
     config = MemorizationConfig(prompt_len=k, continuation_len=l, num_sequences=10, batch_size=8)
     result = run_memorization(ckpts, data, tmp_path / "out", config, dtype="float32", figures=False)
     seen_scores = [s["chunks"]["seen"]["token_match"] for s in result["checkpoints"]]
     unseen_scores = [s["chunks"]["unseen"]["token_match"] for s in result["checkpoints"]]
-    assert seen_scores[0] < 0.2 < seen_scores[2] and seen_scores[0] <= seen_scores[1] <= seen_scores[2]
-    assert seen_scores[2] >= 0.9 and max(unseen_scores) < 0.1
+    # measured here: seen 0.05 -> 0.175 -> 0.625, unseen 0.025 at every checkpoint
+    assert seen_scores[0] < 0.2 and seen_scores[0] < seen_scores[1] < seen_scores[2], (seen_scores, unseen_scores)
+    assert seen_scores[2] >= 0.5 and max(unseen_scores) < 0.1, (seen_scores, unseen_scores)
     assert not any(p.suffix == ".png" for p in (tmp_path / "out").iterdir())
+

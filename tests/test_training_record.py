@@ -125,3 +125,70 @@ def test_plot_command_and_its_errors(tmp_path):
     assert not (tmp_path / "x.png").exists()
     r = _cli("plot", str(tmp_path / "missing.jsonl"))
     assert r.returncode == 1 and "no such file" in r.stderr
+
+
+# ---------------------------------------------------------------- the data-order manifest replays
+
+
+def test_data_order_replays_the_batches_and_losses_of_each_step(tmp_path, sp_model_path, monkeypatch):
+    """A real SFT run (``train.sft`` over ``train.loop``), 3 epochs: for every step k the records
+    ``data_order.jsonl`` lists, re-read from the dataset file and re-encoded, are exactly the rows the
+    step consumed (seen by wrapping the batch source), the data manifest's sha256 is the file's, and
+    the loss of those rows under checkpoint step k-1 is the loss ``metrics.jsonl`` logged for step k."""
+    from conftest import tiny_args
+    from mlx_openelm.adapters import LoRAConfig, load_adapters
+    from mlx_openelm.data import encode_record, pad_batch
+    from mlx_openelm.model import Model, init_weights
+    from mlx_openelm.tokenizer import Tokenizer
+    from mlx_openelm.train import sft
+
+    words = "the cat sat on mat dog runs fast red blue green tree river city light".split()
+    rng = np.random.default_rng(0)
+    records = [{"instruction": " ".join(rng.choice(words, size=int(rng.integers(3, 12)))), "input": "",
+                "output": " ".join(rng.choice(words, size=int(rng.integers(1, 6))))} for _ in range(8)]
+    data_file = tmp_path / "train.json"
+    data_file.write_text(json.dumps(records))
+    tok = Tokenizer(sp_model_path)
+    seen = []  # (record ids, (inputs, targets, mask)) of every micro-batch the loop pulled, in order
+    original = sft.EncodedBatches.batches
+
+    def observed(self, epoch, start=0):
+        for ids, arrays in original(self, epoch, start):
+            if self.shuffle:  # the training source (validation is unshuffled)
+                seen.append((list(ids), [np.array(a) for a in arrays]))
+            yield ids, arrays
+
+    monkeypatch.setattr(sft.EncodedBatches, "batches", observed)  # observes, changes nothing
+    out = tmp_path / "run"
+    args = sft.TrainingArgs(output_dir=str(out), adapter=LoRAConfig(rank=4, alpha=8, dropout=0.0), learning_rate=3e-3,
+                            warmup=0, batch_size=2, grad_accum=2, iters=6, save_every=1, keep_checkpoints=0,
+                            steps_per_eval=0, seed=5, cutoff_len=64)
+    sft.train(init_weights(Model(tiny_args()), seed=1), tok, records, [], args)
+
+    order = [json.loads(x) for x in (out / "data_order.jsonl").read_text().splitlines()]
+    metrics = {m["step"]: m for m in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "loss" in m}
+    manifest = json.loads((out / "data_manifest.json").read_text())
+    reread = json.loads(data_file.read_text())
+    assert manifest["seed"] == 5 and manifest["dataset_sha256"] == sft.records_sha256(reread) and manifest["records"] == 8
+    assert [o["step"] for o in order] == [1, 2, 3, 4, 5, 6]
+    encoded = [encode_record(tok, r, 64, True) for r in reread]
+    for o in order:
+        k = o["step"]
+        micro = seen[(k - 1) * 2:k * 2]
+        assert o["records"] == [i for ids, _ in micro for i in ids]
+        # the replayed batch: re-read records -> encode -> pad, micro-batch by micro-batch
+        for ids, arrays in micro:
+            for got, want in zip(arrays, pad_batch(encoded, ids)):
+                np.testing.assert_array_equal(got, np.array(want))
+        if k == 1:
+            continue
+        model = init_weights(Model(tiny_args()), seed=1)
+        load_adapters(model, out / "checkpoints" / f"step_{k - 1}")
+        s = n = 0.0
+        ids = o["records"]
+        for j in range(0, len(ids), 2):
+            si, ni, _ = sft.token_loss()(model, *pad_batch(encoded, ids[j:j + 2]))
+            s, n = s + si.item(), n + ni.item()
+        assert s / n == pytest.approx(metrics[k]["loss"], rel=1e-5)
+    assert sorted({i for o in order[:2] for i in o["records"]}) == list(range(8))  # 2 steps = one epoch, each record once
+    assert order[0]["records"] != order[2]["records"]  # epochs are reshuffled
