@@ -17,7 +17,7 @@ import mlx.core as mx
 from mlx.utils import tree_flatten
 
 from conftest import logits, max_diff, tiny_args, write_hf_checkpoint
-from mlx_openelm.config import PRESETS, ModelArgs
+from mlx_openelm.config import ModelArgs
 from mlx_openelm.io.convert import CORENET_GENERAL_GPT, convert, corenet_args_from_shapes
 from mlx_openelm.io.load import load, load_model
 from mlx_openelm.model import Model
@@ -120,7 +120,7 @@ def test_yaml_still_works_and_bad_files_fail_cleanly(pair, tmp_path, sp_model_pa
     assert not (tmp_path / "o2").exists() and not (tmp_path / "o3").exists()
 
 
-@pytest.mark.parametrize("size", list(PRESETS))
+@pytest.mark.parametrize("size", list(CORENET_GENERAL_GPT))
 def test_published_sizes_are_found_by_their_shapes(size):
     """No YAML needed for Apple's four sizes: the shapes of a 32128-row checkpoint pick the shipped
     general_gpt block, whose architecture equals the preset (the lazy model allocates nothing)."""

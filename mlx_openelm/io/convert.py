@@ -8,6 +8,7 @@ YAML. Tensors are read, checked, cast and optionally quantized one at a time.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import re
 import warnings
@@ -35,18 +36,16 @@ from .folder import (
     write_tokenizer,
     write_weights,
 )
-from .hub import download, is_repo_id
+from .hub import LLAMA_TOKENIZER_REPO, download, is_repo_id, llama_tokenizer
 
-LLAMA_TOKENIZER_REPO = "meta-llama/Llama-2-7b-hf"
 # Buffers some exporters save that are not parameters (RoPE frequencies, causal mask).
 NON_PARAMETERS = re.compile(r"(^|\.)(inv_freq|causal_mask)$")
 SAFETENSORS_DTYPES = {"F32": mx.float32, "F16": mx.float16, "BF16": mx.bfloat16}
 NO_TOKENIZER = (
-    "no tokenizer: the source ships none and the Llama-2 tokenizer OpenELM uses could not be fetched from "
-    f"the gated repo {LLAMA_TOKENIZER_REPO} ({{reason}}); accept the Llama-2 licence at "
+    "no tokenizer: the source ships none and {reason}. Accept the Llama-2 licence at "
     f"https://huggingface.co/{LLAMA_TOKENIZER_REPO} and log in (`huggingface-cli login` or HF_TOKEN), "
-    "or pass --tokenizer PATH (a tokenizer.model or a folder with one), or use a ready conversion "
-    "that ships a tokenizer such as mlx-community/OpenELM-270M-Instruct"
+    "or pass a tokenizer (--tokenizer PATH: a tokenizer.model or a folder with one), or use a ready "
+    "conversion that ships a tokenizer such as mlx-community/OpenELM-270M-Instruct"
 )
 
 
@@ -270,9 +269,9 @@ def corenet_args_from_shapes(shapes: Dict[str, Tuple[int, ...]]) -> Tuple[ModelA
     n = len(layers)
     if layers != list(range(n)) or n == 0:
         raise ValueError(f"the checkpoint's layers are {layers[:5]}...; expected layers.0 .. layers.N-1")
-    for size, preset in PRESETS.items():
+    for size, block in CORENET_GENERAL_GPT.items():
+        preset = PRESETS[size]
         if preset["num_transformer_layers"] == n and preset["model_dim"] == dim:
-            block = CORENET_GENERAL_GPT[size]
             return ModelArgs.from_name(size, vocab_size=vocab, max_context_length=block["max_context_length"]), size
     try:
         head_dim = shapes["transformer.layers.0.attn.q_norm.weight"][0]
@@ -344,29 +343,27 @@ def open_corenet(ckpt: Path, yaml_path: Optional[Path] = None) -> Tuple[ModelArg
 
 def resolve_tokenizer(explicit: Optional[str], source_dir: Optional[Path]) -> List[Path]:
     """Tokenizer files for the output: ``explicit`` (path or hub repo), else the source's,
-    else ``tokenizer.model`` of the gated meta-llama/Llama-2-7b-hf."""
+    else ``tokenizer.model`` of the gated meta-llama/Llama-2-7b-hf or of its checksum-verified
+    public copy (``io.hub.llama_tokenizer``)."""
+    return resolve_tokenizer_source(explicit, source_dir)[0]
+
+
+def resolve_tokenizer_source(explicit: Optional[str], source_dir: Optional[Path]) -> Tuple[List[Path], str]:
+    """``resolve_tokenizer`` and where the files came from (a path or a hub repo id)."""
     if explicit:
         path = Path(explicit).expanduser()
         if path.exists():
-            return tokenizer_sources(path)
+            return tokenizer_sources(path), str(explicit)
         if not is_repo_id(explicit):
-            raise FileNotFoundError(f"--tokenizer {explicit}: no such file or folder, and not a hub repo id")
-        return tokenizer_sources(download(explicit, None, TOKENIZER_FILES))
+            raise FileNotFoundError(f"tokenizer {explicit}: no such file or folder, and not a hub repo id")
+        return tokenizer_sources(download(explicit, None, TOKENIZER_FILES)), explicit
     if source_dir is not None and has_tokenizer(source_dir):
-        return tokenizer_sources(source_dir)
-    from huggingface_hub import errors, snapshot_download
-
+        return tokenizer_sources(source_dir), "source"
     try:
-        folder = Path(snapshot_download(LLAMA_TOKENIZER_REPO, allow_patterns=["tokenizer.model"]))
-    except (errors.LocalEntryNotFoundError, errors.OfflineModeIsEnabled):
-        raise ValueError(NO_TOKENIZER.format(reason="offline and not in the Hugging Face cache")) from None
-    except errors.GatedRepoError:
-        raise ValueError(NO_TOKENIZER.format(reason="access denied: licence not accepted or not logged in")) from None
-    except Exception as e:
-        raise ValueError(NO_TOKENIZER.format(reason=first_line(e))) from None
-    if not (folder / "tokenizer.model").is_file():
-        raise ValueError(NO_TOKENIZER.format(reason="the download has no tokenizer.model"))
-    return [folder / "tokenizer.model"]
+        path, repo = llama_tokenizer()
+    except ValueError as e:
+        raise ValueError(NO_TOKENIZER.format(reason=first_line(e))) from e
+    return [path], repo
 
 
 def _tokenizer_vocab(files: Sequence[Path]) -> int:
@@ -464,7 +461,7 @@ def convert(
     if quantize and q_group_size not in QUANT_GROUP_SIZES:
         raise ValueError(f"--q-group-size {q_group_size} is not supported; choose one of {', '.join(map(str, QUANT_GROUP_SIZES))}")
     if (hf_path is None) == (corenet is None):
-        raise ValueError("give either --hf REPO_OR_FOLDER or --corenet CKPT.pt with --corenet-config YAML")
+        raise ValueError("give either --hf REPO_OR_FOLDER or --corenet CKPT.pt (with --corenet-config YAML for an unpublished shape)")
     if mlx_path is not None:
         check_destination(Path(mlx_path), force)
 
@@ -480,6 +477,10 @@ def convert(
     short_name = Path(name).name or "model"
     dest = Path(mlx_path) if mlx_path is not None else Path("mlx_model") / short_name
     check_destination(dest, force)
+    inputs = [source_dir] if source_dir is not None else [Path(p) for p in (corenet, corenet_config) if p is not None]
+    if tokenizer is not None and Path(tokenizer).expanduser().exists():
+        inputs.append(Path(tokenizer).expanduser())
+    check_replaceable(dest, inputs)
     out_dtype = DTYPES[dtype] if dtype else None
     if args.model_dim >= 3072 and dtype == "float16":
         warnings.warn(
@@ -499,7 +500,7 @@ def convert(
                 quantized.add(f"{path}.weight")
     del model
 
-    tok_files = resolve_tokenizer(tokenizer, source_dir)
+    tok_files, tok_origin = resolve_tokenizer_source(tokenizer, source_dir)
     tok_vocab = _tokenizer_vocab(tok_files)
     if tok_vocab > args.vocab_size:
         raise ValueError(f"the tokenizer has {tok_vocab} tokens but the model only {args.vocab_size}; is --tokenizer the right one?")
@@ -518,10 +519,42 @@ def convert(
     config[MARKER] = {"version": __version__, "source": name, "source_format": source.kind}
     if revision:
         config[MARKER]["revision"] = revision
+    config[MARKER]["tokenizer"] = tok_origin
     config[MARKER].update({k: v for k, v in extra.items() if v is not None})
 
-    with atomic_folder(dest, force) as tmp:
-        write_weights(tmp, items, progress)
-        (tmp / "config.json").write_text(json.dumps(config, indent=2))
-        write_tokenizer(tmp, tok_files, "Instruct" in short_name, out_args.max_context_length)
+    try:
+        with atomic_folder(dest, force) as tmp:
+            write_weights(tmp, items, progress)
+            (tmp / "config.json").write_text(json.dumps(config, indent=2))
+            write_tokenizer(tmp, tok_files, "Instruct" in short_name, out_args.max_context_length)
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise OSError(e.errno, f"no space left on the disk of {dest.absolute().parent} while writing the converted "
+                          "model (nothing was kept); free some space or choose another output folder") from e
+        raise
     return dest
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    return path == folder or folder in path.parents
+
+
+def check_replaceable(dest: Path, inputs: Sequence[Path] = ()) -> None:
+    """Refuse a destination that holds (or is) one of ``inputs`` or the working folder, and an
+    existing non-empty folder that no conversion wrote (no ``config.json`` with our marker):
+    replacing may only ever delete a previous conversion."""
+    target = Path(dest).expanduser().resolve()
+    for p in inputs:
+        p = Path(p).expanduser().resolve()
+        if _inside(p, target):
+            raise ValueError(f"the output folder {dest} holds the input {p}; converting into it would delete the source; choose another output path")
+    if _inside(Path.cwd().resolve(), target):
+        raise ValueError(f"the output folder {dest} is the working folder or one of its parents; choose a new subfolder")
+    if target.is_dir() and any(target.iterdir()):
+        try:
+            config = json.loads((target / "config.json").read_text())
+        except (OSError, ValueError):
+            config = None
+        if not (isinstance(config, dict) and MARKER in config):
+            raise ValueError(f"{dest} exists and was not written by a conversion (no config.json with the {MARKER!r} "
+                             "marker); replacing it would delete files that are not ours; choose another output path")

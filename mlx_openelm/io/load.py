@@ -79,6 +79,7 @@ def load_model(folder: Path, dtype: Optional[str] = "auto", keep_quantized: bool
         "stored_quantization": stored_quant,
         "blas": _backend.BLAS,
     }
+    model.eval()  # inference mode (no adapter dropout); training switches to train mode itself
     object.__setattr__(model, "compute_info", info)  # plain attribute, not part of the module tree
     object.__setattr__(model, "folder", folder)
     return model
@@ -148,7 +149,9 @@ def load(
     tokenizer: Optional[str] = None,
 ):
     """``(model, tokenizer)`` for a local folder or hub id (see ``resolve_model_path``, ``load_model``);
-    ``adapter_path`` applies a LoRA/DoRA adapter folder."""
+    ``adapter_path`` applies a LoRA/DoRA adapter folder. ``tokenizer`` (a ``tokenizer.model``, a
+    folder with one, or a hub repo) is used when the model is converted and, for a folder that
+    ships its own, replaces it. The model is in eval mode (no dropout): training sets train mode."""
     from ..adapters import load_adapters
     from ..tokenizer import Tokenizer, load_chat_template
 
@@ -156,4 +159,16 @@ def load(
     model = load_model(folder, dtype=dtype, keep_quantized=keep_quantized)
     if adapter_path is not None:
         load_adapters(model, adapter_path)  # in place
-    return model, Tokenizer(folder, chat_template=load_chat_template(folder))
+    model.eval()
+    tok_source = folder
+    if tokenizer is not None:
+        from .convert import resolve_tokenizer
+
+        files = resolve_tokenizer(tokenizer, None)
+        model_files = [f for f in files if f.suffix == ".model"]
+        tok_source = model_files[0] if model_files else files[0].parent
+    tok = Tokenizer(tok_source, chat_template=load_chat_template(folder))
+    if tok.vocab_size > model.args.vocab_size:
+        raise ValueError(f"the tokenizer {tok_source} has {tok.vocab_size} tokens but the model only {model.args.vocab_size}; "
+                         "is tokenizer the right one?")
+    return model, tok
