@@ -25,6 +25,8 @@ COMMANDS = {
     "bench": ("bench", "bench", "Prompt/decode speed, time to first token, peak memory; the RMSNorm study."),
     "passuntil": ("passuntil", "passuntil", "PassUntil: sample each item until r samples pass; PU estimates and p_exact."),
     "scaling": ("passuntil", "scaling", "Fit the task scaling law to PassUntil results and predict a larger model."),
+    "memorization": ("openness", "memorization", "Memorization score of checkpoints on training data (LLM360 Analysis360)."),
+    "plot": ("openness", "plot", "Training curves from metrics.jsonl or CoreNet's training_logs.txt."),
 }
 
 PROG = "mlx-openelm"

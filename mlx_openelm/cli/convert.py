@@ -18,8 +18,8 @@ def convert_command(
     q_group_size: Annotated[int, typer.Option("--q-group-size", help="Quantization group size: 32, 64 or 128.")] = 64,
     tokenizer: Annotated[Optional[str], typer.Option(help="tokenizer.model, a folder with one, or a hub repo (default: the source's, else meta-llama/Llama-2-7b-hf, else its public copy hf-internal-testing/llama-tokenizer if its sha256 matches).")] = None,
     revision: Annotated[Optional[str], typer.Option(help="Hub revision (branch, tag or commit).")] = None,
-    corenet: Annotated[Optional[Path], typer.Option(help="CoreNet checkpoint (.pt) instead of --hf.")] = None,
-    corenet_config: Annotated[Optional[Path], typer.Option("--corenet-config", help="The CoreNet training YAML of --corenet.")] = None,
+    corenet: Annotated[Optional[Path], typer.Option(help="CoreNet checkpoint (.pt, e.g. Apple's checkpoint_epoch_0_iter_49999.pt; of a training checkpoint only the model part is read) instead of --hf.")] = None,
+    corenet_config: Annotated[Optional[Path], typer.Option("--corenet-config", help="The CoreNet training YAML of --corenet (optional: the published sizes and any OpenELM shape are recognized).")] = None,
     force: Annotated[bool, typer.Option(help="Replace an existing output folder that an earlier conversion wrote (never anything else).")] = False,
 ):
     """Convert an OpenELM checkpoint (Hugging Face or CoreNet) into an MLX model folder."""

@@ -176,14 +176,125 @@ def open_hf(folder: Path) -> Tuple[ModelArgs, Source]:
     return args, torch_source(bins, "pytorch")
 
 
-def open_corenet(ckpt: Path, yaml_path: Path) -> Tuple[ModelArgs, Source, Dict[str, Any], str]:
-    """Architecture (from the YAML's ``model.language_modeling.general_gpt`` block: ``model_name``
-    picks a preset, explicit keys override it) and tensors of a CoreNet checkpoint."""
+# CoreNet's general_gpt block of each published OpenELM pretraining YAML
+# (apple/corenet projects/openelm/pretraining_configs/openelm_{size}.yaml): the model name picks
+# the architecture; the vocabulary is padded to 32128 rows with padding index 32000.
+CORENET_GENERAL_GPT = {
+    size: {"model_name": f"OpenELM-{size}", "vocab_size": 32128, "max_context_length": 2048, "padding_index": 32000}
+    for size in ("270M", "450M", "1_1B", "3B")
+}
+# wrappers a checkpoint file may put around the model's state dict, tried in this order
+CORENET_WRAPPERS = ("model_state_dict", "state_dict", "model")
+# CoreNet's rotary-embedding buffers are recomputed, never parameters
+CORENET_BUFFERS = re.compile(r"(^|\.)pos_embedding\.")
+KEY_PREFIXES = ("module.", "_orig_mod.", "model.")
+
+
+def _corenet_state(obj, name: str) -> Tuple[Dict[str, Any], Dict[str, Any]]:
+    """The model's state dict inside a loaded CoreNet ``.pt`` and what was found around it.
+
+    Model-weight checkpoints (``checkpoint_epoch_0_iter_*.pt``, ``checkpoint_average.pt``) are the
+    bare state dict. Training checkpoints (``training_checkpoint_*.pt``) hold ``model_state_dict``
+    next to ``optim_state_dict``, ``iterations``, ``epoch`` ...: only the model part is taken."""
+    info: Dict[str, Any] = {"corenet_checkpoint": "model weights"}
+    for _ in range(3):  # {"model": {"state_dict": {...}}} and the like
+        if not isinstance(obj, dict):
+            break
+        key = next((k for k in CORENET_WRAPPERS if isinstance(obj.get(k), dict)), None)
+        if key is None:
+            break
+        others = sorted(str(k) for k in obj if k != key)
+        if "optim_state_dict" in obj or "optimizer" in obj:
+            info["corenet_checkpoint"] = f"training checkpoint: {key} taken; {', '.join(others)} ignored (never read)"
+        for k in ("iterations", "epoch"):
+            if isinstance(obj.get(k), int):
+                info[f"corenet_{k}"] = obj[k]
+        obj = obj[key]
+    if not isinstance(obj, dict):
+        raise ValueError(f"{name} holds a {type(obj).__name__}, not a CoreNet state dict")
+    state = {}
+    for k, v in obj.items():
+        if not hasattr(v, "shape") or CORENET_BUFFERS.search(k):
+            continue
+        while k.startswith(KEY_PREFIXES):  # DDP / torch.compile / wrapper prefixes
+            k = k.split(".", 1)[1]
+        if k.startswith("classifier."):  # CoreNet's untied output layer
+            k = "lm_head." + k.split(".", 1)[1]
+        state[_hf_name(k)] = v
+    if "transformer.token_embeddings.weight" not in state:
+        raise ValueError(f"{name} has no token_embeddings.weight; it is not an OpenELM (CoreNet general_gpt) checkpoint")
+    return state, info
+
+
+def corenet_source(ckpt: Path) -> Tuple[Source, Dict[str, Any]]:
+    """Tensors of a CoreNet ``.pt``, memory-mapped (read one at a time while writing), and what
+    kind of checkpoint it is (see ``_corenet_state``)."""
+    torch = _import_torch(ckpt)
+    try:
+        loaded = torch.load(str(ckpt), map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError as e:
+        if "mmap" not in str(e):  # the legacy (non-zip) format cannot be memory-mapped
+            raise ValueError(f"cannot read {ckpt.name} ({first_line(e)}); is it a complete CoreNet checkpoint?") from e
+        try:
+            loaded = torch.load(str(ckpt), map_location="cpu", weights_only=True)
+        except Exception as e2:
+            raise ValueError(f"cannot read {ckpt.name} ({first_line(e2)}); is it a complete CoreNet checkpoint?") from e2
+    except Exception as e:  # pickle, zip and torch errors alike
+        raise ValueError(f"cannot read {ckpt.name} ({first_line(e)}); is it a complete CoreNet checkpoint?") from e
+    state, info = _corenet_state(loaded, ckpt.name)
+    del loaded  # the optimizer state of a training checkpoint is never touched (memory-mapped)
+    to_mx = {torch.float32: mx.float32, torch.float16: mx.float16, torch.bfloat16: mx.bfloat16}
+
+    def read(name: str) -> mx.array:
+        t = state.pop(name).detach()
+        if t.dtype == torch.bfloat16:  # numpy has no bfloat16
+            return mx.array(t.float().numpy()).astype(mx.bfloat16)
+        return mx.array(t.numpy())
+
+    shapes = {k: tuple(v.shape) for k, v in state.items()}
+    return Source(shapes, {k: to_mx.get(v.dtype, v.dtype) for k, v in state.items()}, read, "corenet"), info
+
+
+def corenet_args_from_shapes(shapes: Dict[str, Tuple[int, ...]]) -> Tuple[ModelArgs, Optional[str]]:
+    """The architecture of a CoreNet OpenELM checkpoint read from its tensor shapes, and the
+    published size it is (``"270M"``, ``"450M"``, ``"1_1B"``, ``"3B"``) or None.
+
+    A published size gets its shipped general_gpt block (``CORENET_GENERAL_GPT``); any other
+    shape gets the per-layer head counts and FFN widths the tensors imply (rotary and norm
+    settings at OpenELM's values)."""
+    from ..config import PRESETS
+
+    vocab, dim = shapes["transformer.token_embeddings.weight"]
+    layers = sorted({int(m.group(1)) for k in shapes if (m := re.match(r"transformer\.layers\.(\d+)\.", k))})
+    n = len(layers)
+    if layers != list(range(n)) or n == 0:
+        raise ValueError(f"the checkpoint's layers are {layers[:5]}...; expected layers.0 .. layers.N-1")
+    for size, block in CORENET_GENERAL_GPT.items():
+        preset = PRESETS[size]
+        if preset["num_transformer_layers"] == n and preset["model_dim"] == dim:
+            return ModelArgs.from_name(size, vocab_size=vocab, max_context_length=block["max_context_length"]), size
+    try:
+        head_dim = shapes["transformer.layers.0.attn.q_norm.weight"][0]
+        q_heads = [shapes[f"transformer.layers.{i}.attn.out_proj.weight"][1] // head_dim for i in range(n)]
+        kv_heads = [(shapes[f"transformer.layers.{i}.attn.qkv_proj.weight"][0] // head_dim - q) // 2 for i, q in enumerate(q_heads)]
+        ffn = [shapes[f"transformer.layers.{i}.ffn.proj_2.weight"][1] for i in range(n)]
+    except KeyError as e:
+        raise ValueError(f"cannot infer the architecture: the checkpoint has no {e.args[0]}; give its CoreNet training YAML (corenet_config)") from None
+    args = ModelArgs(
+        num_transformer_layers=n, model_dim=dim, head_dim=head_dim, vocab_size=vocab,
+        num_gqa_groups=max(1, q_heads[0] // max(1, kv_heads[0])), num_query_heads=q_heads, num_kv_heads=kv_heads,
+        ffn_intermediate_sizes=ffn, share_input_output_layers="transformer.lm_head.weight" not in shapes,
+    )
+    return args, None
+
+
+def _corenet_yaml_args(yaml_path: Path) -> Tuple[ModelArgs, Dict[str, Any]]:
+    """Architecture from the YAML's ``model.language_modeling.general_gpt`` block (``model_name``
+    picks a preset, explicit keys override it)."""
     import yaml
 
-    for p in (ckpt, yaml_path):
-        if not p.is_file():
-            raise FileNotFoundError(f"{p}: no such file")
+    if not yaml_path.is_file():
+        raise FileNotFoundError(f"{yaml_path}: no such file")
     try:
         block = yaml.safe_load(yaml_path.read_text())["model"]["language_modeling"]["general_gpt"]
     except yaml.YAMLError as e:
@@ -201,8 +312,30 @@ def open_corenet(ckpt: Path, yaml_path: Path) -> Tuple[ModelArgs, Source, Dict[s
             args = ModelArgs.from_dict(block)
     except (TypeError, ValueError) as e:
         raise ValueError(f"{yaml_path}: {first_line(e)}") from None
-    extra = {"source_vocab_size": args.vocab_size, "padding_index": padding_index}
-    return args, torch_source([ckpt], "corenet"), extra, model_name or ckpt.stem
+    return args, {"padding_index": padding_index, "model_name": model_name, "corenet_config": str(yaml_path)}
+
+
+def open_corenet(ckpt: Path, yaml_path: Optional[Path] = None) -> Tuple[ModelArgs, Source, Dict[str, Any], str]:
+    """Architecture and tensors of a CoreNet OpenELM checkpoint (the published
+    ``checkpoint_epoch_0_iter_*.pt``, ``checkpoint_average.pt`` or a ``training_checkpoint_*.pt``,
+    of which only the model part is read). The architecture comes from ``yaml_path`` (the
+    training YAML) when given, else from the tensor shapes (``corenet_args_from_shapes``)."""
+    ckpt = Path(ckpt)
+    if not ckpt.is_file():
+        raise FileNotFoundError(f"{ckpt}: no such file")
+    source, info = corenet_source(ckpt)
+    if yaml_path is not None:
+        args, found = _corenet_yaml_args(Path(yaml_path))
+        model_name = found.pop("model_name")
+        info.update(found)
+    else:
+        args, size = corenet_args_from_shapes(source.shapes)
+        model_name = f"OpenELM-{size}" if size else None
+        info["corenet_config"] = f"shipped general_gpt block of {model_name}" if size else "inferred from the tensor shapes"
+        info["padding_index"] = CORENET_GENERAL_GPT[size]["padding_index"] if size else None
+    info["source_vocab_size"] = args.vocab_size
+    name = f"{model_name}-{ckpt.stem}" if model_name else ckpt.stem
+    return args, source, info, name
 
 
 # ---------------------------------------------------------------- tokenizer
@@ -328,15 +461,13 @@ def convert(
     if quantize and q_group_size not in QUANT_GROUP_SIZES:
         raise ValueError(f"--q-group-size {q_group_size} is not supported; choose one of {', '.join(map(str, QUANT_GROUP_SIZES))}")
     if (hf_path is None) == (corenet is None):
-        raise ValueError("give either --hf REPO_OR_FOLDER or --corenet CKPT.pt with --corenet-config YAML")
+        raise ValueError("give either --hf REPO_OR_FOLDER or --corenet CKPT.pt (with --corenet-config YAML for an unpublished shape)")
     if mlx_path is not None:
         check_destination(Path(mlx_path), force)
 
     extra: Dict[str, Any] = {}
     if corenet is not None:
-        if corenet_config is None:
-            raise ValueError("--corenet needs --corenet-config, the training YAML with the general_gpt block")
-        args, source, extra, name = open_corenet(Path(corenet), Path(corenet_config))
+        args, source, extra, name = open_corenet(Path(corenet), Path(corenet_config) if corenet_config is not None else None)
         source_dir = None
     else:
         source_dir = _local_or_download(str(hf_path), revision)
@@ -346,7 +477,7 @@ def convert(
     short_name = Path(name).name or "model"
     dest = Path(mlx_path) if mlx_path is not None else Path("mlx_model") / short_name
     check_destination(dest, force)
-    inputs = [source_dir] if source_dir is not None else [Path(corenet), Path(corenet_config)]
+    inputs = [source_dir] if source_dir is not None else [Path(p) for p in (corenet, corenet_config) if p is not None]
     if tokenizer is not None and Path(tokenizer).expanduser().exists():
         inputs.append(Path(tokenizer).expanduser())
     check_replaceable(dest, inputs)

@@ -91,22 +91,36 @@ def _local_cache_name(folder: Path) -> str:
     return f"local--{folder.name}--{hashlib.sha1(chr(0).join(stamp).encode()).hexdigest()[:12]}"
 
 
+def _local_file_cache_name(path: Path) -> str:
+    path = path.resolve()
+    st = path.stat()
+    stamp = f"{path}:{st.st_size}:{st.st_mtime_ns}"
+    return f"corenet--{path.parent.name}--{path.stem}--{hashlib.sha1(stamp.encode()).hexdigest()[:12]}"
+
+
 def resolve_model_path(path_or_repo: Union[str, Path], revision: Optional[str] = None, *, tokenizer=None) -> Path:
-    """A ready-to-load MLX folder for a local folder or a Hugging Face repo id.
+    """A ready-to-load MLX folder for a local folder, a CoreNet ``.pt`` or a Hugging Face repo id.
 
     A folder (or hub snapshot, e.g. an mlx-community conversion) with OpenELM config,
     safetensors weights and a tokenizer is used as is. Otherwise (apple/OpenELM-* repos
     ship no tokenizer; some have only pytorch_model.bin) it is converted once, keeping its
     dtype, into ``cache_dir()/<owner>--<name>--<commit>`` and that folder is returned.
+    A CoreNet ``.pt`` (Apple's published OpenELM checkpoints) is converted once, keeping its
+    dtype, into ``cache_dir()/corenet--<folder>--<stem>--<hash>``.
     ``tokenizer`` is passed to the converter (path or hub repo of a tokenizer).
     """
     from .convert import convert
 
     text = str(path_or_repo)
     local = Path(text).expanduser()
+    if local.is_file() and local.suffix == ".pt":  # a CoreNet checkpoint (e.g. Apple's intermediate ones)
+        target = cache_dir() / _local_file_cache_name(local)
+        if is_ready(target):
+            return target
+        return convert(corenet=local, mlx_path=target, dtype=None, tokenizer=tokenizer, force=True)
     if local.exists():
         if not local.is_dir():
-            raise ValueError(f"{local} is a file; give a model folder or a hub id")
+            raise ValueError(f"{local} is a file; give a model folder, a CoreNet .pt checkpoint or a hub id")
         if is_ready(local):
             return local
         target = cache_dir() / _local_cache_name(local)
