@@ -53,7 +53,7 @@ def _local_or_download(text: str, revision: Optional[str]) -> Path:
     path = Path(text).expanduser()
     if path.exists():
         if not path.is_dir():
-            hint = "; a CoreNet .pt goes with --corenet and --corenet-config" if path.suffix == ".pt" else ""
+            hint = "; a CoreNet .pt goes with corenet= (--corenet)" if path.suffix == ".pt" else ""
             raise ValueError(f"{path} is a file; --hf takes a model folder or a hub repo id{hint}")
         return path
     if is_repo_id(text):
