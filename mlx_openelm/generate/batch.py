@@ -34,7 +34,8 @@ __all__ = ["TokenEvent", "BatchEngine", "Handle", "EngineStats", "batch_generate
 class TokenEvent:
     """One step of one choice: a generated ``token`` (None on the closing event), its log-prob and
     the ``top_logprobs`` ``[(token, logprob), ...]`` when asked for; ``finish_reason`` ("stop",
-    "length", "cancelled" or "error") on a choice's last event; ``error`` says what failed."""
+    "length", "cancelled" or "error") on a choice's last event; ``error`` says what failed. A
+    choice that stops at EOS closes with ``eos_token`` set (and its log-probs, when asked for)."""
 
     index: int
     token: Optional[int] = None
@@ -42,6 +43,7 @@ class TokenEvent:
     top_logprobs: Optional[List[Tuple[int, float]]] = None
     finish_reason: Optional[str] = None
     error: Optional[str] = None
+    eos_token: Optional[int] = None
 
 
 @dataclass
@@ -92,10 +94,11 @@ class Handle:
         self.n = n
         self.cancelled = False
 
-    def cancel(self) -> None:
-        if not self.cancelled:
+    def cancel(self, index: Optional[int] = None) -> None:
+        """Stop every choice, or only choice ``index`` (e.g. it reached a stop string)."""
+        if index is None:
             self.cancelled = True
-            self._engine._commands.put(("cancel", self))
+        self._engine._commands.put(("cancel", self, index))
 
 
 @dataclass
@@ -225,8 +228,8 @@ class BatchEngine:
                 except Exception as e:  # noqa: BLE001 - the caller gets it
                     fut.set_exception(e)
         elif kind == "cancel":
-            handle = cmd[1]
-            uids = [uid for uid, s in self._live.items() if s.handle is handle]
+            _, handle, index = cmd
+            uids = [uid for uid, s in self._live.items() if s.handle is handle and index in (None, s.index)]
             if uids:
                 self._gen.remove(uids)
                 for uid in uids:
@@ -290,14 +293,17 @@ class BatchEngine:
             if seq is None:
                 continue
             self.stats.generated_tokens += 1
-            if r.token not in eos:
-                lp = top = None
-                if seq.top_logprobs is not None:
-                    lp, top = _logprobs_of(r.logprobs, r.token, seq.top_logprobs)
-                seq.sink(TokenEvent(seq.index, token=int(r.token), logprob=lp, top_logprobs=top))
+            lp = top = None
+            if seq.top_logprobs is not None:
+                lp, top = _logprobs_of(r.logprobs, r.token, seq.top_logprobs)
+            if r.token in eos:
+                self._live.pop(r.uid, None)
+                seq.sink(TokenEvent(seq.index, finish_reason="stop", eos_token=int(r.token), logprob=lp, top_logprobs=top))
+                continue
+            seq.sink(TokenEvent(seq.index, token=int(r.token), logprob=lp, top_logprobs=top))
             if r.finish_reason is not None:
                 self._live.pop(r.uid, None)
-                seq.sink(TokenEvent(seq.index, finish_reason="stop" if r.token in eos else r.finish_reason))
+                seq.sink(TokenEvent(seq.index, finish_reason=r.finish_reason))
         self.stats.active_sequences = len(self._live)
 
     def _fail_all(self, reason: str, error: Optional[str]) -> None:

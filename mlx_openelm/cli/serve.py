@@ -1,0 +1,50 @@
+"""``serve``: the OpenAI-compatible HTTP server."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from ._common import DEFAULT_CHAT_MODEL, _describe, _load
+
+def serve(
+    model: str = typer.Option(DEFAULT_CHAT_MODEL, "--model", "-m", help="MLX folder, apple/OpenELM-* folder or hub id (loaded once, at start)."),
+    adapter_path: Optional[Path] = typer.Option(None, "--adapter-path", help="LoRA/DoRA adapters folder to apply."),
+    draft_model: Optional[str] = typer.Option(None, "--draft-model", help="Not yet: speculative decoding is not combined with batched serving."),
+    alias: List[str] = typer.Option([], "--alias", help="Another name requests may use for the model (repeatable)."),
+    any_model_name: bool = typer.Option(False, "--any-model-name", help="Answer any 'model' value with the served model (clients with a fixed name)."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to bind; the default keeps the server on this machine."),
+    port: int = typer.Option(8080, "--port", help="TCP port."),
+    api_key: Optional[str] = typer.Option(None, "--api-key", envvar="MLX_OPENELM_API_KEY", help="Require 'Authorization: Bearer KEY'."),
+    max_concurrency: int = typer.Option(32, "--max-concurrency", help="Sequences decoded together (continuous batching)."),
+    max_tokens_default: int = typer.Option(512, "--max-tokens-default", help="max_tokens when a request gives none."),
+    max_body_mb: float = typer.Option(4.0, "--max-body-mb", help="Largest request body in MiB (413 beyond)."),
+    allowed_origin: List[str] = typer.Option([], "--allowed-origin", help="Enable CORS for this origin (repeatable; '*' for any)."),
+    dtype: str = typer.Option("auto", "--dtype", help="Compute dtype: auto, float32, float16, bfloat16."),
+):
+    """Serve a model over an OpenAI-compatible API (/v1/chat/completions, /v1/completions, /v1/models,
+    /tokenize, /detokenize, /tokenizer_info, /health) for chat front-ends, the openai client and lm-eval."""
+    from rich.console import Console
+
+    from ..serve import ServeConfig, ServedModel, create_app, make_server
+
+    if draft_model:
+        raise ValueError("draft_model: speculative decoding is not available in the batched server yet; serve without --draft-model")
+    if max_concurrency < 1:
+        raise typer.BadParameter("must be >= 1", param_hint="--max-concurrency")
+    if max_tokens_default < 1:
+        raise typer.BadParameter("must be >= 1", param_hint="--max-tokens-default")
+    console = Console(stderr=True, highlight=False, soft_wrap=True)
+    with console.status(f"loading {model} ..."):
+        m, tok = _load(model, dtype, adapter_path)
+    name = Path(model).name if Path(model).exists() else model
+    served = ServedModel(name, m, tok, aliases=[model, *alias], max_concurrency=max_concurrency)
+    config = ServeConfig(host=host, port=port, api_key=api_key, max_concurrency=max_concurrency,
+                         max_tokens_default=max_tokens_default, max_body_bytes=int(max_body_mb * 2**20),
+                         allowed_origins=tuple(allowed_origin), any_model_name=any_model_name)
+    console.print(f"serving [bold]{name}[/] ({_describe(m)}) on http://{host}:{port}/v1  (Ctrl-C stops)")
+    if host not in ("127.0.0.1", "localhost", "::1") and api_key is None:
+        console.print("[yellow]warning:[/] listening beyond this machine without --api-key")
+    make_server(create_app([served], config), host, port, log_level="info").run()
