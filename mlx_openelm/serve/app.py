@@ -45,6 +45,14 @@ def _error(e: APIError) -> JSONResponse:
     return JSONResponse(e.body(), status_code=e.status)
 
 
+def _top_dict(m: ServedModel, top) -> Dict[str, float]:
+    """Legacy ``{token text: logprob}``, best first; two tokens with one text keep the better."""
+    out: Dict[str, float] = {}
+    for t, lp in top:
+        out.setdefault(m.token_text(t), lp)
+    return out
+
+
 def _sse(obj: Any) -> str:
     return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
@@ -284,7 +292,7 @@ def create_app(models: Sequence[ServedModel], config: Optional[ServeConfig] = No
         gen = None
         if o.max_tokens > 0:
             gen = Generation(m, prompt_ids, n=o.n, max_tokens=o.max_tokens, sampling=o.sampling, stops=o.stop,
-                             top_logprobs=o.top_logprobs)
+                             top_logprobs=o.top_logprobs, keep_eos=req.echo)
         rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
 
         def prompt_text(p: int) -> str:
@@ -311,7 +319,7 @@ def create_app(models: Sequence[ServedModel], config: Optional[ServeConfig] = No
                 offsets.append(pos)
                 pos += 0 if t in m.specials else len(s)
             return {"tokens": texts, "token_logprobs": lps,
-                    "top_logprobs": [None if top is None else {m.token_text(t): lp for t, lp in top} for top in tops],
+                    "top_logprobs": [None if top is None else _top_dict(m, top) for top in tops],
                     "text_offset": offsets}
 
         n_out = len(prompt_ids) * o.n

@@ -32,7 +32,12 @@ class ServedModel:
         self.created = int(time.time())
 
     def token_text(self, token: int) -> str:
-        return token_bytes(self.pieces, token, self.specials).decode("utf-8", errors="replace")
+        """A token as text; a lone byte of a multi-byte character reads ``bytes:\\xNN`` (as OpenAI's)."""
+        b = token_bytes(self.pieces, token, self.specials)
+        try:
+            return b.decode("utf-8")
+        except UnicodeDecodeError:
+            return "bytes:" + "".join(f"\\x{c:02x}" for c in b)
 
     def encode_prompt(self, prompt: Any, param: str = "prompt") -> List[int]:
         """Token ids of a text (with BOS, as ``generate``) or checked ids; 413 when it does not fit."""
@@ -79,6 +84,7 @@ class Choice:
     served: ServedModel
     stops: List[str]
     want_logprobs: bool
+    keep_eos: bool = False  # list a closing EOS among the log-probs (echo: lm-eval reads all but the last)
     detok: Any = None
     text: str = ""
     sent: int = 0
@@ -109,7 +115,7 @@ class Choice:
         if ev.finish_reason is not None:
             self.detok.finalize()
             self.text += self.detok.last_segment
-            if ev.eos_token is not None and self.want_logprobs:
+            if ev.eos_token is not None and self.want_logprobs and self.keep_eos:
                 self._record(ev.eos_token, ev)
         if self.stops:
             start = max(0, before - self.hold)
@@ -143,11 +149,12 @@ class Generation:
     """The choices of one request (prompts x n) fed from the engine through an asyncio queue."""
 
     def __init__(self, served: ServedModel, prompts: List[List[int]], *, n: int, max_tokens: int, sampling,
-                 stops: List[str], top_logprobs: Optional[int]):
+                 stops: List[str], top_logprobs: Optional[int], keep_eos: bool = False):
         self.served = served
         self.loop = asyncio.get_running_loop()
         self.queue: "asyncio.Queue[Tuple[int, TokenEvent]]" = asyncio.Queue()
-        self.choices = [Choice(p * n + j, served, stops, top_logprobs is not None) for p in range(len(prompts)) for j in range(n)]
+        self.choices = [Choice(p * n + j, served, stops, top_logprobs is not None, keep_eos)
+                        for p in range(len(prompts)) for j in range(n)]
         self.handles: List[Handle] = []
         self.n = n
         for p, ids in enumerate(prompts):
