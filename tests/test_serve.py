@@ -163,6 +163,7 @@ def test_sixteen_concurrent_clients_get_their_solo_answers(client, served):
         together = list(pool.map(ask, prompts))
     assert together == solo
     assert len(set(solo)) > 1
+    assert _engine(client)["peak_batch"] > 1  # the concurrent requests were decoded together
 
 
 # -- lm-eval local-completions -----------------------------------------------------------------------
@@ -341,6 +342,26 @@ def test_disconnect_mid_stream_stops_generation(client, served):
     assert after["generated_tokens"] - before["generated_tokens"] < 1000
     ok = client.post("/v1/completions", json={"prompt": "the cat", "max_tokens": 3})
     assert ok.status_code == 200
+
+
+def test_speculative_engine_equals_greedy(served):
+    """With a draft model the engine decodes by speculative decoding; at temperature 0 the tokens
+    are the plain greedy ones (the reference: ``stream_generate`` without a draft)."""
+    from mlx_openelm.generate.batch import BatchEngine, batch_generate
+    from mlx_openelm.generate.stream import stream_generate
+    from mlx_openelm.model import Model, init_weights
+
+    _, model, tok, _ = served
+    draft = init_weights(Model(tiny_args(num_transformer_layers=2)), 5)
+    prompts = [tok.encode("red blue green red blue green red"), tok.encode("the cat sat")]
+    want = []
+    for ids in prompts:
+        toks = [r.token for r in stream_generate(model, tok, ids, max_tokens=12, temp=0.0)]
+        want.append([t for t in toks if t not in tok.eos_token_ids])
+    with BatchEngine(model, tok, draft_model=draft, num_draft_tokens=3) as engine:
+        got = batch_generate(engine, prompts, max_tokens=12, n=2)
+        assert engine.stats.peak_batch <= 1
+    assert got == [[w, w] for w in want]
 
 
 def test_serve_command_help(capsys):

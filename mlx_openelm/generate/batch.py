@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import itertools
 import queue
+from collections import deque
 import threading
 import time
 from concurrent.futures import Future
@@ -20,7 +21,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx_lm.generate import BatchGenerator
+from mlx_lm.generate import BatchGenerator, speculative_generate_step
 from mlx_lm.models.base import create_attention_mask
 from mlx_lm.models.cache import KVCache
 
@@ -51,6 +52,7 @@ class EngineStats:
     requests: int = 0
     generated_tokens: int = 0
     active_sequences: int = 0
+    peak_batch: int = 0
     cancelled: int = 0
 
 
@@ -93,12 +95,18 @@ class Handle:
         self._engine = engine
         self.n = n
         self.cancelled = False
+        self.cancelled_choices: set = set()
 
     def cancel(self, index: Optional[int] = None) -> None:
         """Stop every choice, or only choice ``index`` (e.g. it reached a stop string)."""
         if index is None:
             self.cancelled = True
+        else:
+            self.cancelled_choices.add(index)
         self._engine._commands.put(("cancel", self, index))
+
+    def stopped(self, index: int) -> bool:
+        return self.cancelled or index in self.cancelled_choices
 
 
 @dataclass
@@ -119,10 +127,17 @@ class BatchEngine:
     manager); ``close()`` stops it."""
 
     def __init__(self, model: nn.Module, tokenizer: Tokenizer, *, max_batch: int = 32, prefill_batch: int = 8,
-                 prefill_step: int = 512):
+                 prefill_step: int = 512, draft_model: Optional[nn.Module] = None, num_draft_tokens: int = 3):
         if max_batch < 1:
             raise ValueError(f"max_batch={max_batch} must be >= 1")
+        if draft_model is not None and draft_model.args.vocab_size != model.args.vocab_size:
+            raise ValueError("draft_model must share the model's tokenizer (vocab sizes differ)")
         self.model = model
+        # With a draft model, requests are decoded one at a time by speculative decoding (lower
+        # latency per stream) instead of being batched.
+        self.draft_model = draft_model
+        self.num_draft_tokens = num_draft_tokens
+        self._speculative: "deque[tuple]" = deque()
         self.tokenizer = tokenizer
         self.context_length = getattr(getattr(model, "args", None), "max_context_length", 2048)
         self._batch_model = _BatchModel(model)
@@ -197,7 +212,7 @@ class BatchEngine:
     # -- worker
     def _loop(self) -> None:
         while True:
-            if self._live:  # busy: take what is queued, then decode a step
+            if self._live or self._speculative:  # busy: take what is queued, then decode
                 try:
                     cmd = self._commands.get_nowait()
                 except queue.Empty:
@@ -215,7 +230,9 @@ class BatchEngine:
                     cmd = self._commands.get_nowait()
                 except queue.Empty:
                     cmd = None
-            if self._live:
+            if self._speculative:
+                self._run_speculative(*self._speculative.popleft())
+            elif self._live:
                 self._step()
 
     def _handle(self, cmd: tuple) -> None:
@@ -250,6 +267,10 @@ class BatchEngine:
     def _insert(self, handle: Handle, prompt: List[int], max_tokens: int, sampling: SamplingConfig,
                 top_logprobs: Optional[int], sink) -> None:
         n = handle.n
+        if self.draft_model is not None:
+            self._speculative.append((handle, prompt, max_tokens, sampling, top_logprobs, sink))
+            self.stats.requests += 1
+            return
         processors = sampling.logits_processors()
         if sampling.greedy:
             samplers = [None] * n  # the generator's shared greedy sampler: one batched argmax
@@ -275,6 +296,7 @@ class BatchEngine:
             self._live[uid] = _Seq(handle, i, sink, top_logprobs, uid)
         self.stats.requests += 1
         self.stats.active_sequences = len(self._live)
+        self.stats.peak_batch = max(self.stats.peak_batch, len(self._live))
 
     def _step(self) -> None:
         try:
@@ -304,6 +326,49 @@ class BatchEngine:
             if r.finish_reason is not None:
                 self._live.pop(r.uid, None)
                 seq.sink(TokenEvent(seq.index, finish_reason=r.finish_reason))
+        self.stats.active_sequences = len(self._live)
+
+    def _run_speculative(self, handle: Handle, prompt: List[int], max_tokens: int, sampling: SamplingConfig,
+                         top_logprobs: Optional[int], sink) -> None:
+        """Each choice in turn with mlx-lm's speculative decoding (the draft proposes, the model verifies)."""
+        eos = self.tokenizer.eos_token_ids
+        for i in range(handle.n):
+            if handle.stopped(i):
+                self.stats.cancelled += 1
+                sink(TokenEvent(i, finish_reason="cancelled"))
+                continue
+            sampler = sampling.sampler()
+            if not sampling.greedy and sampling.seed is not None:
+                sampler = _seeded(sampler, sampling.seed * 7919 + i)
+            steps = speculative_generate_step(
+                mx.array(prompt, mx.uint32), self.model, self.draft_model, num_draft_tokens=self.num_draft_tokens,
+                max_tokens=max_tokens, sampler=sampler, logits_processors=sampling.logits_processors(),
+            )
+            self.stats.active_sequences = 1
+            finish, count = "length", 0
+            try:
+                for token, logprobs, _ in steps:
+                    if handle.stopped(i):
+                        finish = "cancelled"
+                        self.stats.cancelled += 1
+                        break
+                    token, count = int(token), count + 1
+                    self.stats.generated_tokens += 1
+                    lp = top = None
+                    if top_logprobs is not None:
+                        lp, top = _logprobs_of(logprobs, token, top_logprobs)
+                    if token in eos:
+                        sink(TokenEvent(i, finish_reason="stop", eos_token=token, logprob=lp, top_logprobs=top))
+                        finish = None
+                        break
+                    sink(TokenEvent(i, token=token, logprob=lp, top_logprobs=top))
+                    if count >= max_tokens:
+                        break
+            except Exception as e:  # noqa: BLE001 - only this request fails
+                sink(TokenEvent(i, finish_reason="error", error=f"{type(e).__name__}: {e}"))
+                finish = None
+            if finish is not None:
+                sink(TokenEvent(i, finish_reason=finish))
         self.stats.active_sequences = len(self._live)
 
     def _fail_all(self, reason: str, error: Optional[str]) -> None:

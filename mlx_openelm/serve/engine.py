@@ -20,12 +20,13 @@ class ServedModel:
     """One model under a name (and aliases), with its own ``BatchEngine``."""
 
     def __init__(self, name: str, model: nn.Module, tokenizer: Tokenizer, *, aliases: Sequence[str] = (),
-                 max_concurrency: int = 32):
+                 max_concurrency: int = 32, draft_model: Optional[nn.Module] = None, num_draft_tokens: int = 3):
         self.name = name
         self.aliases = {name, *[a for a in aliases if a]}
         self.model = model
         self.tokenizer = tokenizer
-        self.engine = BatchEngine(model, tokenizer, max_batch=max_concurrency)
+        self.engine = BatchEngine(model, tokenizer, max_batch=max_concurrency, draft_model=draft_model,
+                                  num_draft_tokens=num_draft_tokens)
         self.context_length = self.engine.context_length
         self.pieces = tokenizer.convert_ids_to_tokens(range(len(tokenizer)))
         self.specials = (tokenizer.bos_id, tokenizer.eos_id)
