@@ -318,18 +318,24 @@ def _engine(client):
     return client.get("/health").json()["engine"]["OpenELM-tiny"]
 
 
-def test_disconnect_mid_stream_stops_generation(client, served):
+@pytest.mark.parametrize("stream", [True, False])
+def test_disconnect_mid_stream_stops_generation(client, served, stream):
     url = served[0]
     before = _engine(client)
-    body = {"prompt": "the cat sat on the mat", "max_tokens": 1500, "temperature": 0, "stream": True}
-    with httpx.Client(base_url=url, timeout=TIMEOUT) as c:
-        with c.stream("POST", "/v1/completions", json=body) as r:
-            assert r.status_code == 200
-            chunks = 0
-            for line in r.iter_lines():
-                chunks += line.startswith("data: ")
-                if chunks >= 3:
-                    break
+    body = {"prompt": "the cat sat on the mat", "max_tokens": 1500, "temperature": 0, "stream": stream}
+    if stream:
+        with httpx.Client(base_url=url, timeout=TIMEOUT) as c:
+            with c.stream("POST", "/v1/completions", json=body) as r:
+                assert r.status_code == 200
+                chunks = 0
+                for line in r.iter_lines():
+                    chunks += line.startswith("data: ")
+                    if chunks >= 3:
+                        break
+    else:  # the client gives up waiting for the whole answer
+        with httpx.Client(base_url=url, timeout=0.5) as c:
+            with pytest.raises(httpx.ReadTimeout):
+                c.post("/v1/completions", json=body)
     # the connection is closed: the engine drops the sequence and stops counting tokens
     deadline = time.monotonic() + 30
     while _engine(client)["active_sequences"] and time.monotonic() < deadline:

@@ -45,6 +45,30 @@ def _error(e: APIError) -> JSONResponse:
     return JSONResponse(e.body(), status_code=e.status)
 
 
+class _Guard:
+    """API key and body-size checks before any route runs."""
+
+    def __init__(self, app, config: ServeConfig):
+        self.app = app
+        self.config = config
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
+        config, error = self.config, None
+        if config.api_key is not None and scope.get("method") != "OPTIONS":
+            if headers.get("authorization", "") != f"Bearer {config.api_key}":
+                error = APIError(401, "invalid or missing API key (send 'Authorization: Bearer KEY')", code="invalid_api_key")
+        length = headers.get("content-length", "")
+        if error is None and length.isdigit() and int(length) > config.max_body_bytes:
+            error = APIError(413, f"request body of {length} bytes is over the {config.max_body_bytes}-byte limit",
+                             code="request_too_large")
+        if error is not None:
+            return await _error(error)(scope, receive, send)
+        return await self.app(scope, receive, send)
+
+
 def _top_dict(m: ServedModel, top) -> Dict[str, float]:
     """Legacy ``{token text: logprob}``, best first; two tokens with one text keep the better."""
     out: Dict[str, float] = {}
@@ -77,23 +101,14 @@ def create_app(models: Sequence[ServedModel], config: Optional[ServeConfig] = No
     app.state.models = models
     app.state.config = config
 
+    # a plain ASGI middleware (not @app.middleware): it leaves the receive channel alone, so the
+    # routes still see a client disconnect
+    app.add_middleware(_Guard, config=config)
     if config.allowed_origins:
         from fastapi.middleware.cors import CORSMiddleware
 
         app.add_middleware(CORSMiddleware, allow_origins=list(config.allowed_origins), allow_methods=["*"],
                            allow_headers=["*"])
-
-    @app.middleware("http")
-    async def guard(request: Request, call_next):
-        if config.api_key is not None and request.method != "OPTIONS":
-            if request.headers.get("authorization", "") != f"Bearer {config.api_key}":
-                return _error(APIError(401, "invalid or missing API key (send 'Authorization: Bearer KEY')",
-                                       code="invalid_api_key"))
-        length = request.headers.get("content-length")
-        if length is not None and length.isdigit() and int(length) > config.max_body_bytes:
-            return _error(APIError(413, f"request body of {length} bytes is over the {config.max_body_bytes}-byte limit",
-                                   code="request_too_large"))
-        return await call_next(request)
 
     @app.exception_handler(APIError)
     async def api_error(request: Request, e: APIError):
@@ -186,15 +201,19 @@ def create_app(models: Sequence[ServedModel], config: Optional[ServeConfig] = No
     # -- generation helpers
     async def run_to_end(request: Request, gen: Generation) -> None:
         deadline = time.monotonic() + GEN_TIMEOUT_S
+        check = time.monotonic() + 0.5
         try:
             while not gen.done:
-                if await gen.next() is None:
+                progressed = await gen.next() is not None
+                now = time.monotonic()
+                if progressed:
+                    deadline = now + GEN_TIMEOUT_S
+                elif now > deadline:
+                    raise APIError(500, "generation timed out", code="timeout")
+                if now > check:  # a client that went away stops its generation
+                    check = now + 0.5
                     if await request.is_disconnected():
                         raise asyncio.CancelledError("client disconnected")
-                    if time.monotonic() > deadline:
-                        raise APIError(500, "generation timed out", code="timeout")
-                else:
-                    deadline = time.monotonic() + GEN_TIMEOUT_S
         finally:
             gen.cancel()
         err = gen.failed()

@@ -32,8 +32,8 @@ class APIError(Exception):
         self.message = message
         self.param = param
         self.code = code
-        self.type = type or {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
-                             413: "invalid_request_error"}.get(status, "server_error")
+        self.type = type or {401: "authentication_error", 404: "not_found_error"}.get(
+            status, "invalid_request_error" if status < 500 else "server_error")
 
     def body(self) -> Dict[str, Any]:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
