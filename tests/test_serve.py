@@ -6,7 +6,9 @@ through our in-process backend, and a float64 numpy log-softmax of the model's l
 from __future__ import annotations
 
 import json
+import os
 import time
+from pathlib import Path
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -22,22 +24,31 @@ pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 
 from mlx_openelm.generate.stream import generate  # noqa: E402
+from mlx_openelm.model import Model, init_weights  # noqa: E402
 from mlx_openelm.serve import BackgroundServer, ServeConfig, ServedModel, create_app  # noqa: E402
 
+ROOT = Path(__file__).resolve().parents[1]
 MESSAGES = [{"role": "user", "content": "Please answer the following question with true or false."}]
 TIMEOUT = 60
 
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory, sp_model_path):
-    """(base url, model, tokenizer, app config) of a running server; stopped after the module."""
+def model_dir(tmp_path_factory, sp_model_path):
+    """A tiny random-weight model converted into an MLX folder (with its tokenizer)."""
     from mlx_openelm.io.convert import convert
-    from mlx_openelm.io.load import load
 
     d = tmp_path_factory.mktemp("serve")
     write_hf_checkpoint(d / "hf", tiny_args(), seed=3, tokenizer=sp_model_path)
     convert(str(d / "hf"), d / "OpenELM-tiny", dtype="float32")
-    model, tok = load(str(d / "OpenELM-tiny"))
+    return d / "OpenELM-tiny"
+
+
+@pytest.fixture(scope="module")
+def served(model_dir):
+    """(base url, model, tokenizer, app config) of a running server; stopped after the module."""
+    from mlx_openelm.io.load import load
+
+    model, tok = load(str(model_dir))
     config = ServeConfig(max_tokens_default=16, max_concurrency=16)
     app = create_app([ServedModel("OpenELM-tiny", model, tok, aliases=["tiny"], max_concurrency=16)], config)
     with BackgroundServer(app) as server:
@@ -355,7 +366,6 @@ def test_speculative_engine_equals_greedy(served):
     are the plain greedy ones (the reference: ``stream_generate`` without a draft)."""
     from mlx_openelm.generate.batch import BatchEngine, batch_generate
     from mlx_openelm.generate.stream import stream_generate
-    from mlx_openelm.model import Model, init_weights
 
     _, model, tok, _ = served
     draft = init_weights(Model(tiny_args(num_transformer_layers=2)), 5)
@@ -368,6 +378,58 @@ def test_speculative_engine_equals_greedy(served):
         got = batch_generate(engine, prompts, max_tokens=12, n=2)
         assert engine.stats.peak_batch <= 1
     assert got == [[w, w] for w in want]
+
+
+def test_several_models_are_listed_and_routed(served):
+    _, model, tok, _ = served
+    small = init_weights(Model(tiny_args(num_transformer_layers=2)), 9)
+    app = create_app([ServedModel("big", model, tok, aliases=["b"]), ServedModel("small", small, tok)])
+    with BackgroundServer(app) as server, httpx.Client(base_url=server.url, timeout=TIMEOUT) as c:
+        assert [m["id"] for m in c.get("/v1/models").json()["data"]] == ["big", "small"]
+        for name, m in (("b", model), ("small", small), (None, model)):
+            body = {"prompt": "the cat", "max_tokens": 6, "temperature": 0, **({"model": name} if name else {})}
+            r = c.post("/v1/completions", json=body).json()
+            assert r["choices"][0]["text"] == reference(m, tok, "the cat", 6)
+        _expect(c.post("/v1/completions", json={"prompt": "x", "model": "medium"}), 404, "model")
+
+
+def test_serve_command_starts_a_server(model_dir):
+    """The CLI in a subprocess: loads the folder, binds 127.0.0.1, answers, stops on SIGTERM."""
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([sys.executable, "-m", "mlx_openelm.cli", "serve", "--model", str(model_dir), "--port", str(port),
+                             "--api-key", "k"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+            try:
+                r = httpx.get(f"http://127.0.0.1:{port}/v1/models", headers={"Authorization": "Bearer k"}, timeout=2)
+                break
+            except httpx.HTTPError:
+                assert time.monotonic() < deadline, "the server did not start"
+                time.sleep(0.3)
+        assert [m["id"] for m in r.json()["data"]] == [model_dir.name]
+        assert httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=5).status_code == 401
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
+def test_serve_command_bad_model_is_one_line(capsys):
+    from mlx_openelm.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["serve", "--model", "/no/such/model-folder"])
+    assert e.value.code == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and "\n" not in err
 
 
 def test_serve_command_help(capsys):

@@ -10,11 +10,11 @@ import typer
 from ._common import DEFAULT_CHAT_MODEL, _describe, _load
 
 def serve(
-    model: str = typer.Option(DEFAULT_CHAT_MODEL, "--model", "-m", help="MLX folder, apple/OpenELM-* folder or hub id (loaded once, at start)."),
-    adapter_path: Optional[Path] = typer.Option(None, "--adapter-path", help="LoRA/DoRA adapters folder to apply."),
+    model: List[str] = typer.Option([DEFAULT_CHAT_MODEL], "--model", "-m", help="MLX folder, apple/OpenELM-* folder or hub id, loaded at start (repeat to serve several; the first is the default)."),
+    adapter_path: Optional[Path] = typer.Option(None, "--adapter-path", help="LoRA/DoRA adapters folder to apply (to the first model)."),
     draft_model: Optional[str] = typer.Option(None, "--draft-model", help="A smaller OpenELM that drafts tokens: speculative decoding, one request at a time (no batching)."),
     num_draft_tokens: int = typer.Option(3, "--num-draft-tokens", help="Tokens the draft model proposes per step."),
-    alias: List[str] = typer.Option([], "--alias", help="Another name requests may use for the model (repeatable)."),
+    alias: List[str] = typer.Option([], "--alias", help="Another name requests may use for the (first) model (repeatable)."),
     any_model_name: bool = typer.Option(False, "--any-model-name", help="Answer any 'model' value with the served model (clients with a fixed name)."),
     host: str = typer.Option("127.0.0.1", "--host", help="Address to bind; the default keeps the server on this machine."),
     port: int = typer.Option(8080, "--port", help="TCP port."),
@@ -36,17 +36,24 @@ def serve(
     if max_tokens_default < 1:
         raise typer.BadParameter("must be >= 1", param_hint="--max-tokens-default")
     console = Console(stderr=True, highlight=False, soft_wrap=True)
-    with console.status(f"loading {model} ..."):
-        m, tok = _load(model, dtype, adapter_path)
-        draft = _load(draft_model, dtype)[0] if draft_model else None
-    name = Path(model).name if Path(model).exists() else model
-    served = ServedModel(name, m, tok, aliases=[model, *alias], max_concurrency=max_concurrency, draft_model=draft,
-                         num_draft_tokens=num_draft_tokens)
+    served, names = [], set()
+    for i, spec in enumerate(model):
+        with console.status(f"loading {spec} ..."):
+            m, tok = _load(spec, dtype, adapter_path if i == 0 else None)
+            draft = _load(draft_model, dtype)[0] if draft_model and i == 0 else None
+        name = Path(spec).name if Path(spec).exists() else spec
+        if name in names:
+            raise ValueError(f"model: {spec!r} is given twice (served names must differ)")
+        names.add(name)
+        served.append(ServedModel(name, m, tok, aliases=[spec, *(alias if i == 0 else [])], max_concurrency=max_concurrency,
+                                  draft_model=draft, num_draft_tokens=num_draft_tokens))
     config = ServeConfig(host=host, port=port, api_key=api_key, max_concurrency=max_concurrency,
                          max_tokens_default=max_tokens_default, max_body_bytes=int(max_body_mb * 2**20),
                          allowed_origins=tuple(allowed_origin), any_model_name=any_model_name)
-    mode = f"speculative decoding with {draft_model}" if draft else f"up to {max_concurrency} sequences batched"
-    console.print(f"serving [bold]{name}[/] ({_describe(m)}; {mode}) on http://{host}:{port}/v1  (Ctrl-C stops)")
+    mode = f"speculative decoding with {draft_model}" if draft_model else f"up to {max_concurrency} sequences batched"
+    for s in served:
+        console.print(f"serving [bold]{s.name}[/] ({_describe(s.model)}; {mode if s is served[0] else 'batched'})")
+    console.print(f"on http://{host}:{port}/v1  (Ctrl-C stops)")
     if host not in ("127.0.0.1", "localhost", "::1") and api_key is None:
         console.print("[yellow]warning:[/] listening beyond this machine without --api-key")
-    make_server(create_app([served], config), host, port, log_level="info").run()
+    make_server(create_app(served, config), host, port, log_level="info").run()
