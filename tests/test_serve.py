@@ -223,10 +223,12 @@ def _responses(out, task):
     return [s["resps"] for s in sorted(out["samples"][task], key=lambda s: s["doc_id"])]
 
 
-def test_lm_eval_local_completions_matches_the_in_process_backend(served, tmp_path, monkeypatch):
+@pytest.mark.parametrize("bos", ["literal", "tokenize_bos"])
+def test_lm_eval_local_completions_matches_the_in_process_backend(served, tmp_path, monkeypatch, bos):
     """Log-likelihoods (and a greedy generation task) through the server with lm-eval's remote
-    tokenizer equal our in-process backend's. The contexts start with the literal ``<s>``: lm-eval's
-    remote tokenizer never adds BOS, and our backend does unless the text already begins with it."""
+    tokenizer equal our in-process backend's. lm-eval's remote tokenizer never asks for BOS, which
+    our backend puts first (as the model card): either the contexts start with the literal ``<s>``
+    or the server runs with ``tokenize_bos`` (``--tokenize-bos``)."""
     import lm_eval.models.openai_completions  # noqa: F401  (registers local-completions)
     from lm_eval.evaluator import simple_evaluate
     from lm_eval.tasks import TaskManager
@@ -241,15 +243,23 @@ def test_lm_eval_local_completions_matches_the_in_process_backend(served, tmp_pa
     tasks = tmp_path / "tasks"
     tasks.mkdir()
     for name, text in TASKS.items():
+        if bos == "tokenize_bos":
+            text = text.replace('"<s>{{{{question}}}}"', '"{{{{question}}}}"')
+            assert "<s>" not in text
         (tasks / f"{name}.yaml").write_text(text.format(data=data, cache=tmp_path / "hf-cache"))
     manager = TaskManager(include_path=str(tasks), include_defaults=False)
     common = dict(tasks=list(TASKS), task_manager=manager, log_samples=True, random_seed=0, numpy_random_seed=0,
                   torch_random_seed=0, fewshot_random_seed=0)
-    remote = simple_evaluate(
-        model="local-completions",
-        model_args=f"base_url={url}/v1/completions,model=OpenELM-tiny,tokenizer_backend=remote,batch_size=2,max_retries=1",
-        **common,
-    )
+    config = served[3]
+    config.tokenize_bos = bos == "tokenize_bos"
+    try:
+        remote = simple_evaluate(
+            model="local-completions",
+            model_args=f"base_url={url}/v1/completions,model=OpenELM-tiny,tokenizer_backend=remote,batch_size=2,max_retries=1",
+            **common,
+        )
+    finally:
+        config.tokenize_bos = False
     local = simple_evaluate(model=OpenELMLM(model=model, tokenizer=tok, batch_size=4), **common)
     got, want = _responses(remote, "srv_mc"), _responses(local, "srv_mc")
     assert len(got) == len(DOCS)

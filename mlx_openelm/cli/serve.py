@@ -16,6 +16,7 @@ def serve(
     num_draft_tokens: int = typer.Option(3, "--num-draft-tokens", help="Tokens the draft model proposes per step."),
     alias: List[str] = typer.Option([], "--alias", help="Another name requests may use for the (first) model (repeatable)."),
     any_model_name: bool = typer.Option(False, "--any-model-name", help="Answer any 'model' value with the served model (clients with a fixed name)."),
+    tokenize_bos: bool = typer.Option(False, "--tokenize-bos", help="/tokenize always puts BOS first, so lm-eval (whose remote tokenizer never asks for it) scores as the model card does."),
     host: str = typer.Option("127.0.0.1", "--host", help="Address to bind; the default keeps the server on this machine."),
     port: int = typer.Option(8080, "--port", help="TCP port."),
     api_key: Optional[str] = typer.Option(None, "--api-key", envvar="MLX_OPENELM_API_KEY", help="Require 'Authorization: Bearer KEY'."),
@@ -49,7 +50,8 @@ def serve(
                                   draft_model=draft, num_draft_tokens=num_draft_tokens))
     config = ServeConfig(host=host, port=port, api_key=api_key, max_concurrency=max_concurrency,
                          max_tokens_default=max_tokens_default, max_body_bytes=int(max_body_mb * 2**20),
-                         allowed_origins=tuple(allowed_origin), any_model_name=any_model_name)
+                         allowed_origins=tuple(allowed_origin), any_model_name=any_model_name,
+                         tokenize_bos=tokenize_bos)
     mode = f"speculative decoding with {draft_model}" if draft_model else f"up to {max_concurrency} sequences batched"
     for s in served:
         console.print(f"serving [bold]{s.name}[/] ({_describe(s.model)}; {mode if s is served[0] else 'batched'})")

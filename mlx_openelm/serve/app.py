@@ -39,6 +39,9 @@ class ServeConfig:
     max_body_bytes: int = field(default=4 * 1024 * 1024, metadata={"help": "Largest request body accepted (413 beyond)."})
     allowed_origins: Tuple[str, ...] = field(default=(), metadata={"help": "CORS origins to allow (none: no CORS)."})
     any_model_name: bool = field(default=False, metadata={"help": "Answer any 'model' name with the served model."})
+    tokenize_bos: bool = field(default=False, metadata={
+        "help": "/tokenize puts BOS first even when asked for no special tokens (lm-eval's remote tokenizer never asks; "
+                "OpenELM's model card scores with BOS)."})
 
 
 def _error(e: APIError) -> JSONResponse:
@@ -172,7 +175,7 @@ def create_app(models: Sequence[ServedModel], config: Optional[ServeConfig] = No
         tok = m.tokenizer
         return {"eos_token": m.pieces[tok.eos_id], "bos_token": m.pieces[tok.bos_id], "pad_token": None,
                 "chat_template": tok.chat_template or CHAT_TEMPLATE, "model_max_length": m.context_length,
-                "add_bos_token": True}
+                "add_bos_token": True, "tokenize_bos": config.tokenize_bos}
 
     @app.post("/tokenize")
     async def tokenize(request: Request):
@@ -184,7 +187,8 @@ def create_app(models: Sequence[ServedModel], config: Optional[ServeConfig] = No
         special = body.get("add_special_tokens", True)
         if not isinstance(special, bool):
             raise APIError(400, "add_special_tokens must be true or false", "add_special_tokens", "invalid_type")
-        ids = m.tokenizer.encode(text, add_bos=special)
+        bos = m.pieces[m.tokenizer.bos_id]
+        ids = m.tokenizer.encode(text, add_bos=special or (config.tokenize_bos and not text.startswith(bos)))
         return {"tokens": ids, "count": len(ids), "max_model_len": m.context_length}
 
     @app.post("/detokenize")
