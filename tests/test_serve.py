@@ -403,6 +403,16 @@ def test_several_models_are_listed_and_routed(served):
         _expect(c.post("/v1/completions", json={"prompt": "x", "model": "medium"}), 404, "model")
 
 
+def test_cors_only_when_asked_for(served):
+    _, model, tok, _ = served
+    preflight = {"Origin": "http://ui.example", "Access-Control-Request-Method": "POST"}
+    for origins, allowed in (((), False), (("http://ui.example",), True)):
+        app = create_app([ServedModel("m", model, tok)], ServeConfig(allowed_origins=origins))
+        with BackgroundServer(app) as server:
+            r = httpx.options(server.url + "/v1/chat/completions", headers=preflight, timeout=TIMEOUT)
+            assert (r.headers.get("access-control-allow-origin") == "http://ui.example") == allowed
+
+
 def test_serve_command_starts_a_server(model_dir):
     """The CLI in a subprocess: loads the folder, binds 127.0.0.1, answers, stops on SIGTERM."""
     import socket
