@@ -1,5 +1,6 @@
 """Ours vs ``mlx_lm.server`` on the same model folder, same run: aggregate generated tokens/s and
-time to first token (TTFT) with 1, 4 and 16 concurrent streaming clients.
+time to first token (TTFT) with 1, 4 and 16 concurrent streaming clients. Every round sends new
+prompts (the same ones to both servers), so mlx-lm's prompt cache cannot reuse an earlier round.
 
 Random weights at a chosen shape (no download) and a SentencePiece tokenizer trained on the fly
 (the model's vocabulary is the tokenizer's, so the 270M shape here has the 270M layers with a
@@ -169,13 +170,25 @@ def main() -> None:
                 words.append(rng.choice(WORDS))
             return f"{i} " + " ".join(words)
 
-        prompts = [prompt(i) for i in range(max(args.concurrency))]
-        prompts_for = lambda c: prompts[:c]  # noqa: E731
+        # fresh prompts for every round (a new first word), so neither server reuses a cached prefix
+        # from an earlier round (mlx_lm.server keeps a prompt cache); both servers see the same ones
+        bodies = [prompt(i).split(" ", 1)[1] for i in range(max(args.concurrency))]
+        rounds = {}
+
+        def prompts_for(c: int):
+            r = rounds.setdefault(c, [0])
+            r[0] += 1
+            pick = random.Random(f"{c}/{r[0]}")
+            return [f"{pick.choice(WORDS)} {pick.choice(WORDS)} {pick.choice(WORDS)} {bodies[i]}" for i in range(c)]
+
+        def reset_rounds():
+            rounds.clear()
         py = sys.executable
         levels = args.concurrency
         ours = bench_server("ours", [py, "-m", "mlx_openelm.cli", "serve", "--model", str(folder), "--port", str(port := free_port()),
                                      "--max-concurrency", "32", "--max-tokens-default", str(args.gen_tokens)],
                             port, prompts_for, levels, args.gen_tokens, args.repeats, root / "ours.log")
+        reset_rounds()
         theirs = bench_server("mlx_lm.server", [py, "-m", "mlx_lm.server", "--model", str(folder), "--port", str(port2 := free_port()),
                                                 "--max-tokens", str(args.gen_tokens), "--log-level", "WARNING"],
                               port2, prompts_for, levels, args.gen_tokens, args.repeats, root / "mlx_lm.log")
