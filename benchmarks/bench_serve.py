@@ -69,10 +69,11 @@ def make_folder(root: Path, shape: str, vocab: int, seed: int) -> Path:
     return folder
 
 
-def start(cmd, port: int, log: Path, timeout: float = 300.0) -> subprocess.Popen:
+def start(cmd, port: int, log: Path, timeout: float = 300.0, env=None) -> subprocess.Popen:
     import httpx
 
-    proc = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    proc = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})})
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -125,8 +126,8 @@ def round_(url: str, prompts, gen_tokens: int) -> dict:
             "ttft_max_s": round(max(ttfts), 4) if ttfts else None}
 
 
-def bench_server(name: str, cmd, port: int, prompts_for, levels, gen_tokens: int, repeats: int, log: Path) -> dict:
-    proc = start(cmd, port, log)
+def bench_server(name: str, cmd, port: int, prompts_for, levels, gen_tokens: int, repeats: int, log: Path, env=None) -> dict:
+    proc = start(cmd, port, log, env=env)
     url = f"http://127.0.0.1:{port}"
     try:
         round_(url, prompts_for(1), min(gen_tokens, 8))  # warm-up
@@ -154,6 +155,8 @@ def main() -> None:
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
     p.add_argument("--repeats", type=int, default=1, help="rounds per level; the median round is reported")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--peer-openblas", action="store_true",
+                   help="run mlx_lm.server with OpenBLAS preloaded too (LD_PRELOAD), as our package does on Linux CPUs")
     args = p.parse_args()
 
     from mlx_openelm.tokenizer import Tokenizer
@@ -189,16 +192,25 @@ def main() -> None:
                                      "--max-concurrency", "32", "--max-tokens-default", str(args.gen_tokens)],
                             port, prompts_for, levels, args.gen_tokens, args.repeats, root / "ours.log")
         reset_rounds()
+        peer_env = None
+        if args.peer_openblas:
+            from mlx_openelm._backend import _find_openblas
+
+            lib = _find_openblas()
+            if lib is None:
+                raise SystemExit("--peer-openblas: no OpenBLAS library found")
+            peer_env = {"LD_PRELOAD": lib}
         theirs = bench_server("mlx_lm.server", [py, "-m", "mlx_lm.server", "--model", str(folder), "--port", str(port2 := free_port()),
                                                 "--max-tokens", str(args.gen_tokens), "--log-level", "WARNING"],
-                              port2, prompts_for, levels, args.gen_tokens, args.repeats, root / "mlx_lm.log")
+                              port2, prompts_for, levels, args.gen_tokens, args.repeats, root / "mlx_lm.log",
+                              env=peer_env)
     import mlx_lm
 
     ratios = {c: {"aggregate_tps": round(ours[c]["aggregate_tps"] / theirs[c]["aggregate_tps"], 3),
                   "ttft_median": round(ours[c]["ttft_median_s"] / theirs[c]["ttft_median_s"], 3)} for c in ours}
     print(json.dumps({
         "shape": args.shape, "vocab": args.vocab, "prompt_tokens": args.prompt_tokens, "gen_tokens": args.gen_tokens,
-        "weights": "random float32", "ours": ours, "mlx_lm_server": theirs, "ratio_ours_over_mlx_lm": ratios,
+        "weights": "random float32", "peer_openblas": args.peer_openblas, "ours": ours, "mlx_lm_server": theirs, "ratio_ours_over_mlx_lm": ratios,
         "machine": {"device": str(mx.default_device()), "cpus": os.cpu_count(), "platform": platform.platform(),
                     "mlx": mx.__version__, "mlx_lm": mlx_lm.__version__},
     }, indent=2))
