@@ -23,6 +23,7 @@ COMMANDS = {
     "fuse": ("train", "fuse", "Fold LoRA/DoRA adapters into the base weights: a standalone model."),
     "eval": ("evaluate", "eval_", "Zero-shot accuracy: the paper's lm-eval table, or the 8 commonsense tasks."),
     "bench": ("bench", "bench", "Prompt/decode speed, time to first token, peak memory; the RMSNorm study."),
+    "serve": ("serve", "serve", "Serve a model over an OpenAI-compatible API (chat, completions, lm-eval)."),
     "passuntil": ("passuntil", "passuntil", "PassUntil: sample each item until r samples pass; PU estimates and p_exact."),
     "scaling": ("passuntil", "scaling", "Fit the task scaling law to PassUntil results and predict a larger model."),
     "memorization": ("openness", "memorization", "Memorization score of checkpoints on training data (LLM360 Analysis360)."),
