@@ -130,7 +130,7 @@ def pair_arrays(encoded: Sequence[EncodedPair], idx: Sequence[int]) -> Tuple[np.
 class PreferenceBatches:
     """The loop's ``BatchSource`` over encoded pairs and their reference values (already in loss
     units: summed log-probs, or per-token means for IPO). Shuffled order depends only on
-    (seed, epoch); unshuffled (validation) batches go longest first."""
+    (seed, epoch); unshuffled (validation) batches are sorted by length."""
 
     def __init__(self, encoded: Sequence[EncodedPair], ref_chosen: np.ndarray, ref_rejected: np.ndarray, batch_size: int,
                  *, shuffle: bool, seed: int = 0):
