@@ -60,7 +60,8 @@ from mlx.utils import tree_flatten, tree_unflatten
 
 from mlx_openelm.bench import core as bench
 from mlx_openelm import data as ours_data
-from mlx_openelm.train import loop as ours_trainer
+from mlx_openelm.train import sft as ours_trainer
+from mlx_openelm.train.loop import PAD_MULTIPLE, TrainingCallback
 from mlx_openelm.adapters import DEFAULT_TARGETS, LoRAConfig, apply_adapters
 from mlx_openelm.model import Model
 
@@ -209,7 +210,7 @@ def run_ours(checkpoint: Model, seqs, batch_size: int, warmup: int, steps: int, 
     """``warmup + steps`` optimizer steps of our trainer; timings between ``on_step`` callbacks."""
     stamps, tokens, padded = [], [], []
 
-    class Clock(ours_trainer.TrainingCallback):
+    class Clock(TrainingCallback):
         def on_start(self, info):
             stamps.append(time.perf_counter())  # after setup, before the first batch
             tokens.append(0)
@@ -224,7 +225,7 @@ def run_ours(checkpoint: Model, seqs, batch_size: int, warmup: int, steps: int, 
     while len(padded) < warmup + steps:
         for inputs, _, _ in ours_data.iterate_batches(encoded, batch_size, shuffle=True, seed=seed, epoch=epoch):
             rows, width = inputs.shape
-            padded.append(rows * (width + -width % ours_trainer.PAD_MULTIPLE))
+            padded.append(rows * (width + -width % PAD_MULTIPLE))
         epoch += 1
 
     model = ours_model(checkpoint)
@@ -232,7 +233,7 @@ def run_ours(checkpoint: Model, seqs, batch_size: int, warmup: int, steps: int, 
         args = ours_trainer.TrainingArgs(
             output_dir=str(Path(tmp) / "run"), adapter=LoRAConfig(rank=RANK, alpha=ALPHA, dropout=DROPOUT, targets=DEFAULT_TARGETS),
             learning_rate=LR, min_learning_rate=LR, warmup=0, betas=BETAS, weight_decay=0.0,
-            batch_size=batch_size, grad_accum=1, iters=warmup + steps, cutoff_len=10**6, val_size=0,
+            batch_size=batch_size, grad_accum=1, iters=warmup + steps, cutoff_len=checkpoint.args.max_context_length,
             steps_per_eval=0, save_every=0, seed=seed,
         )
         _fresh()

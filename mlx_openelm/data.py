@@ -175,7 +175,10 @@ def load_records(path, split: str = "train", required: Sequence[str] = TRAIN_FIE
         files = [path]
     else:
         raise FileNotFoundError(f"{path} does not exist; pass a .json/.jsonl file, a folder, or --data commonsense")
-    return [_validate(item, f, line, required) for f in files for line, item in _read_items(f)]
+    records = [_validate(item, f, line, required) for f in files for line, item in _read_items(f)]
+    if not records:
+        raise ValueError(f"{path} holds no records; give a file with at least one {{{', '.join(required)}}} record")
+    return records
 
 
 def fetch_commonsense_170k(cache_dir: Optional[str] = None) -> Path:
@@ -205,10 +208,12 @@ def split_train_val(records: Sequence, val_size: int, seed: int = 42) -> Tuple[l
     """Hold out ``val_size`` randomly chosen records (as LLM-Adapters' ``train_test_split``,
     seed 42 by default; the permutation is numpy's, not the datasets library's)."""
     n = len(records)
+    if n == 0:
+        raise ValueError("there are no records to split")
     if val_size <= 0:
         return list(records), []
     if val_size >= n:
-        raise ValueError(f"val_size {val_size} must be smaller than the {n} records; lower --val-size")
+        raise ValueError(f"val_size {val_size} must be smaller than the {n} records; lower it")
     perm = np.random.default_rng(seed).permutation(n)
     val = sorted(perm[:val_size].tolist())
     train = sorted(perm[val_size:].tolist())
@@ -236,10 +241,11 @@ def encode_record(tokenizer, record: Dict[str, str], cutoff_len: int = 256, trai
 BUCKET_WINDOW = 64  # batches per window whose examples are sorted by length together
 
 
-def batch_indices(lengths: Sequence[int], batch_size: int, *, shuffle: bool, seed: int = 0, epoch: int = 0, bucket: bool = True) -> List[np.ndarray]:
+def batch_indices(lengths: Sequence[int], batch_size: int, *, shuffle: bool, seed: int = 0, epoch: int = 0, bucket: bool = False) -> List[np.ndarray]:
     """Example indices of every batch of one epoch, a pure function of its arguments.
 
-    Shuffled: a permutation from ``np.random.default_rng((seed, epoch))``; with ``bucket`` each
+    Shuffled: a uniform permutation from ``np.random.default_rng((seed, epoch))`` (LLM-Adapters'
+    ``group_by_length=False``, CoreNet's uniform shuffling); with ``bucket`` (length grouping) each
     window of ``BUCKET_WINDOW * batch_size`` examples is sorted by length before being cut
     into batches, and the batch order is permuted again. Unshuffled: dataset order, or sorted
     by length with ``bucket``. The last batch may be smaller."""
@@ -256,28 +262,32 @@ def batch_indices(lengths: Sequence[int], batch_size: int, *, shuffle: bool, see
     return batches
 
 
-def iterate_batches(encoded: Sequence[Tuple[List[int], List[int]]], batch_size: int, *, shuffle: bool, seed: int = 0, epoch: int = 0, start: int = 0, bucket: bool = True) -> Iterator[Tuple["mx.array", "mx.array", "mx.array"]]:
-    """Padded batches ``(inputs, targets, loss_mask)`` of ``encoded`` (``encode_record`` pairs).
-
-    ``inputs = ids[:-1]``, ``targets = ids[1:]``, ``loss_mask = mask[1:]`` (the mask of each
-    target token), right-padded with id 0 and mask 0 to the longest example in the batch;
-    int32 inputs/targets, float32 mask, each [B, L]. The batches of an epoch depend only on
-    ``(seed, epoch)`` (see ``batch_indices``), so a trainer resumes exactly by saving the
-    epoch and the number of batches done and passing them back as ``epoch`` and ``start``."""
+def pad_batch(encoded: Sequence[Tuple[List[int], List[int]]], idx: Sequence[int]) -> Tuple["mx.array", "mx.array", "mx.array"]:
+    """``(inputs, targets, loss_mask)`` of the examples ``idx``: ``inputs = ids[:-1]``, ``targets = ids[1:]``,
+    ``loss_mask = mask[1:]`` (the mask of each target token), right-padded with id 0 and mask 0 to the
+    longest example; int32 inputs/targets, float32 mask, each [B, L]."""
     import mlx.core as mx
 
+    width = max(len(encoded[i][0]) for i in idx) - 1
+    inputs = np.full((len(idx), width), PAD_ID, np.int32)
+    targets = np.full((len(idx), width), PAD_ID, np.int32)
+    mask = np.zeros((len(idx), width), np.float32)
+    for row, i in enumerate(idx):
+        ids, m = encoded[i]
+        n = len(ids) - 1
+        inputs[row, :n] = ids[:-1]
+        targets[row, :n] = ids[1:]
+        mask[row, :n] = m[1:]
+    return mx.array(inputs), mx.array(targets), mx.array(mask)
+
+
+def iterate_batches(encoded: Sequence[Tuple[List[int], List[int]]], batch_size: int, *, shuffle: bool, seed: int = 0, epoch: int = 0, start: int = 0, bucket: bool = False) -> Iterator[Tuple["mx.array", "mx.array", "mx.array"]]:
+    """Padded batches ``(inputs, targets, loss_mask)`` of ``encoded`` (``encode_record`` pairs; see
+    ``pad_batch``). The batches of an epoch depend only on ``(seed, epoch)`` (see ``batch_indices``),
+    so a trainer resumes exactly by saving the epoch and the number of batches done and passing them
+    back as ``epoch`` and ``start``."""
     lengths = [len(ids) for ids, _ in encoded]
     if any(n < 2 for n in lengths):
         raise ValueError("every example needs at least 2 tokens; raise cutoff_len")
     for idx in batch_indices(lengths, batch_size, shuffle=shuffle, seed=seed, epoch=epoch, bucket=bucket)[start:]:
-        width = max(lengths[i] for i in idx) - 1
-        inputs = np.full((len(idx), width), PAD_ID, np.int32)
-        targets = np.full((len(idx), width), PAD_ID, np.int32)
-        mask = np.zeros((len(idx), width), np.float32)
-        for row, i in enumerate(idx):
-            ids, m = encoded[i]
-            n = len(ids) - 1
-            inputs[row, :n] = ids[:-1]
-            targets[row, :n] = ids[1:]
-            mask[row, :n] = m[1:]
-        yield mx.array(inputs), mx.array(targets), mx.array(mask)
+        yield pad_batch(encoded, idx)

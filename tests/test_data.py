@@ -240,10 +240,14 @@ def test_batch_order_is_explicit_and_resumable():
     assert all((x == y).all() for x, y in zip(a, b)) and len(a) == 13
     assert any((x != y).any() for x, y in zip(a, c) if len(x) == len(y))
     assert sorted(np.concatenate(a).tolist()) == list(range(100))
-    # bucketing: with one window the batches are cut from length-sorted examples
-    spread = [max(lengths[i] for i in x) - min(lengths[i] for i in x) for x in a]
-    unbucketed = D.batch_indices(lengths, 8, shuffle=True, seed=5, epoch=2, bucket=False)
-    spread_plain = [max(lengths[i] for i in x) - min(lengths[i] for i in x) for x in unbucketed]
+    # the default is uniform shuffling (LLM-Adapters group_by_length=False, CoreNet): consecutive slices of
+    # one numpy permutation seeded by (seed, epoch), written out here independently
+    perm = np.random.default_rng((5, 2)).permutation(100)
+    assert [x.tolist() for x in a] == [perm[i:i + 8].tolist() for i in range(0, 100, 8)]
+    # length grouping (opt-in): with one window the batches are cut from length-sorted examples
+    bucketed = D.batch_indices(lengths, 8, shuffle=True, seed=5, epoch=2, bucket=True)
+    spread = [max(lengths[i] for i in x) - min(lengths[i] for i in x) for x in bucketed]
+    spread_plain = [max(lengths[i] for i in x) - min(lengths[i] for i in x) for x in a]
     assert sum(spread) < sum(spread_plain) / 3
     # unshuffled, unbucketed: dataset order
     assert np.concatenate(D.batch_indices(lengths, 8, shuffle=False, bucket=False)).tolist() == list(range(100))

@@ -22,7 +22,7 @@ from conftest import tiny_args, write_hf_checkpoint
 from mlx_openelm.io.load import load
 from mlx_openelm.adapters import LoRAConfig
 from mlx_openelm.data import load_train_data, split_train_val
-from mlx_openelm.train.loop import TrainingArgs, train
+from mlx_openelm.train.sft import TrainingArgs, train
 from test_trainer import colour_task, task_spm_path  # noqa: F401  (fixture)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -70,7 +70,7 @@ def test_two_processes_match_one(tmp_path, task_spm_path):
     train_set, val_set = split_train_val(records, 4)
     base, tok = load(model)
     args = TrainingArgs(output_dir=str(tmp_path / "one"), adapter=LoRAConfig(rank=4, alpha=8, dropout=0.0), batch_size=4,
-                        grad_accum=2, iters=4, warmup=0, learning_rate=1e-2, val_size=4, steps_per_eval=2, save_every=2, seed=0)
+                        grad_accum=2, iters=4, warmup=0, learning_rate=1e-2, steps_per_eval=2, save_every=2, seed=0)
     train(base, tok, train_set, val_set, args)
     two = subprocess.run(
         [launch, "-n", "2", "--backend", "ring", "--starting-port", str(free_port_pair()), "--python", sys.executable,
@@ -87,7 +87,7 @@ def test_two_processes_match_one(tmp_path, task_spm_path):
     np.testing.assert_allclose([s["loss"] for s in steps2], [s["loss"] for s in steps1], rtol=1e-4)
     np.testing.assert_allclose([s["grad_norm"] for s in steps2], [s["grad_norm"] for s in steps1], rtol=1e-3)
     np.testing.assert_allclose([v["val_loss"] for v in vals2], [v["val_loss"] for v in vals1], rtol=1e-4)
-    assert [v["val_tokens"] for v in vals1] == [v["val_tokens"] for v in vals2]
+    assert [v["val_count"] for v in vals1] == [v["val_count"] for v in vals2]
     w1 = mx.load(str(tmp_path / "one" / "adapters.safetensors"))
     w2 = mx.load(str(tmp_path / "two" / "adapters.safetensors"))
     assert w1.keys() == w2.keys()

@@ -84,21 +84,20 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 def run(name: str, args: List[str]) -> int:
     """Run one command with the error policy: one red line and exit 1 for errors, 2 for usage, 130 for Ctrl-C."""
-    import click
+    from ._common import click_exceptions, err
 
-    from ._common import err
-
+    UsageError, ClickException, Abort = click_exceptions()
     try:
-        command_app(name)(args=args, prog_name=f"{PROG} {name}", standalone_mode=False)
-    except click.exceptions.Exit as e:
-        sys.exit(e.exit_code)
-    except click.exceptions.UsageError as e:
+        code = command_app(name)(args=args, prog_name=f"{PROG} {name}", standalone_mode=False)
+        if isinstance(code, int) and code:  # typer.Exit(code) comes back as a return value here
+            sys.exit(code)
+    except UsageError as e:
         err(f"{e.format_message()} (see '{PROG} {name} --help')")
         sys.exit(2)
-    except click.exceptions.ClickException as e:
+    except ClickException as e:
         err(e.format_message())
         sys.exit(e.exit_code or 1)
-    except (click.exceptions.Abort, KeyboardInterrupt):
+    except Abort + (KeyboardInterrupt,):
         sys.stderr.write("\ninterrupted\n")
         sys.exit(130)
     except SystemExit:

@@ -51,3 +51,25 @@ def _progress_callback(progress):
 
     return update
 
+
+
+def click_exceptions():
+    """(UsageError, ClickException, Abort) of the click typer runs on: typer >= 0.26 vendors its own
+    copy (``typer._click``), whose classes are not click's."""
+    import click.exceptions as ce
+
+    try:
+        from typer._click import exceptions as te  # type: ignore[attr-defined]
+    except ImportError:
+        te = ce
+    import typer
+
+    candidates = [getattr(ce, "Abort", None), getattr(te, "Abort", None), getattr(typer, "Abort", None)]
+    abort = tuple({c for c in candidates if isinstance(c, type) and issubclass(c, BaseException)})
+    return (te.UsageError, ce.UsageError), (te.ClickException, ce.ClickException), abort
+
+
+def parameter_source_is_default(ctx, name: str) -> bool:
+    """Whether ``name`` was left at its default (typer may run on its own copy of click)."""
+    source = ctx.get_parameter_source(name)
+    return source is None or getattr(source, "name", "") in ("DEFAULT", "DEFAULT_MAP")
