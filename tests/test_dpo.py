@@ -521,6 +521,7 @@ def test_cli_trains_adapters_that_fuse_and_a_full_model_that_loads(tmp_path, tas
     (["--recipe", "openelm-7B"], 1, "unknown recipe"),
     (["--loss", "kto"], 1, "loss_type must be one of"),
     (["--max-length", "16", "--max-prompt-length", "16"], 1, "max_prompt_length"),
+    (["--max-length", "100000"], 1, "exceeds the model's context"),
 ])
 def test_cli_bad_input_is_one_line_and_writes_nothing(tmp_path, task_folder, capsys, extra, code, message):
     from mlx_openelm.cli import main

@@ -32,12 +32,13 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten
 
-from ..adapters import ADAPTER_TYPES, ADAPTERS_FILE, LoRAConfig, apply_adapters, save_adapters
+from ..adapters import ADAPTER_TYPES, LoRAConfig, apply_adapters
 from ..data import PAD_ID, batch_indices
 from ..utils import atomic_write
 from .dpo_data import EncodedPair, PreferencePair, data_hash, encode_pairs
 from . import loop as train_loop
 from .loop import TrainingCallback
+from .sft import adapter_saver
 
 LOSS_TYPES = ("sigmoid", "hinge", "ipo")
 METHODS = ("lora", "dora", "full")
@@ -325,10 +326,6 @@ def _full_saver() -> "train_loop.Saver":
     return train_loop.Saver(MODEL_FILE, save)
 
 
-def _adapter_saver(config: LoRAConfig) -> "train_loop.Saver":
-    return train_loop.Saver(ADAPTERS_FILE, lambda folder, model: save_adapters(folder, model, config))
-
-
 def run_dpo(model, tokenizer, train_pairs: Sequence[PreferencePair], val_pairs: Sequence[PreferencePair], args: DPOArgs, *,
             model_source=None, callback: Optional[TrainingCallback] = None, progress=None) -> Dict[str, Any]:
     """Preference-tune ``model`` on ``train_pairs`` (held-out rewards on ``val_pairs``) with the generic loop.
@@ -344,6 +341,9 @@ def run_dpo(model, tokenizer, train_pairs: Sequence[PreferencePair], val_pairs: 
     args.validate()
     if not train_pairs:
         raise ValueError("train_pairs is empty; give preference records with prompt, chosen and rejected")
+    context = getattr(getattr(model, "args", None), "max_context_length", None)
+    if context is not None and args.max_length > context:
+        raise ValueError(f"max_length {args.max_length} exceeds the model's context of {context} tokens; lower max_length")
     if any(isinstance(m, ADAPTER_TYPES) for _, m in model.named_modules()):
         raise ValueError("the model already has adapters; pass the base model (run_dpo attaches them, and the reference is the base)")
     if args.method == "full" and any(isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding)) for _, m in model.named_modules()):
@@ -357,8 +357,9 @@ def run_dpo(model, tokenizer, train_pairs: Sequence[PreferencePair], val_pairs: 
     fingerprint = {"dataset_sha256": data_hash(train_enc), "records": len(train_enc),
                    "tokens": int(sum(len(e.chosen) + len(e.rejected) for e in train_enc)),
                    "val_dataset_sha256": data_hash(val_enc) if val_enc else None, "reference_model_sha256": model_key}
-    # A finished or incompatible output folder fails here, before the reference pass and the adapters.
-    train_loop.resume_state(args.loop, args.run_config(), fingerprint, mx.distributed.init().size())
+    world = mx.distributed.init()
+    if world.rank() == 0:  # a finished or incompatible output folder fails here, before the reference pass
+        train_loop.resume_state(args.loop, args.run_config(), fingerprint, world.size())
 
     ref_dir = Path(args.reference_cache) if args.reference_cache else cache_dir() / "dpo-reference"
     ref_train, key, hit = cached_reference_logps(model, train_enc, ref_dir, model_key=model_key, batch_size=args.ref_batch_size, progress=progress)
@@ -372,7 +373,7 @@ def run_dpo(model, tokenizer, train_pairs: Sequence[PreferencePair], val_pairs: 
         config = args.adapter_config()
         mx.random.seed(loop.seed)  # adapter init: identical on every rank and on resume
         apply_adapters(model, **config.to_dict())
-        saver = _adapter_saver(config)
+        saver = adapter_saver(config)
 
     train_src = PreferenceBatches(train_enc, *in_loss_units(ref_train, args.loss_type), loop.batch_size, shuffle=True, seed=loop.seed)
     val_src = PreferenceBatches(val_enc, *in_loss_units(ref_val, args.loss_type), loop.batch_size, shuffle=False) if val_enc else None
@@ -381,7 +382,7 @@ def run_dpo(model, tokenizer, train_pairs: Sequence[PreferencePair], val_pairs: 
                    run_config=args.run_config(), callback=callback)
     result["reference_cache_hit"] = hit
     result["reference_key"] = key
-    if args.method == "full" and model_source is not None and mx.distributed.init().rank() == 0:
+    if args.method == "full" and model_source is not None and world.rank() == 0:
         from ..io.folder import MARKER, read_config, save_model
 
         source = Path(model_source)
