@@ -587,3 +587,54 @@ def test_ultrafeedback_splits_from_the_hub_cache(offline_hub):
     assert len(train) == 3 and len(load_preferences("ultrafeedback", "test")) == 1
     assert train[0] == to_pair(UF_ROW) and train[0].prompt[0] == {"role": "system", "content": ""}
     assert len(load_preferences("ultrafeedback", "train", limit=2)) == 2
+
+
+def test_two_processes_match_one(tmp_path, task_folder, task_tok):
+    """``mlx.launch -n 2`` running ``dpo`` gives the losses, rewards and adapters of one process with the
+    same global batch, including a last micro-batch of one pair (the second rank gets a zero-weight row)."""
+    import os
+    import shutil
+    import socket
+    import subprocess
+    import sys
+
+    from mlx_openelm.cli import main
+
+    launch = Path(sys.executable).parent / "mlx.launch"
+    if not launch.exists() and shutil.which("mlx.launch") is None:
+        pytest.skip("mlx.launch is not installed next to this Python")
+    port = None
+    for _ in range(50):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            candidate = s.getsockname()[1]
+        try:
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", candidate + 1))
+            port = candidate
+            break
+        except OSError:
+            continue
+    if port is None:
+        pytest.skip("no two consecutive free local ports for the ring backend")
+    data = tmp_path / "prefs"
+    data.mkdir()
+    write_jsonl(data / "train.jsonl", colour_rows(3)[:9])  # 9 pairs in micro-batches of 4: 4, 4, 1
+    write_jsonl(data / "test.jsonl", colour_rows(1)[:3])
+    flags = lambda out: ["dpo", "--model", str(task_folder), "--data", str(data), "-o", str(out), "--iters", "3", "--batch-size", "4",
+                         "--grad-accum", "1", "--loss", "sigmoid", "--beta", "0.5", "--lr", "1e-3", "--warmup", "0", "--rank", "4",
+                         "--dropout", "0", "--save-every", "0", "--steps-per-eval", "3", "--max-length", "64", "--max-prompt-length", "32"]
+    assert main(flags(tmp_path / "one")) == 0
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "MLX_OPENELM_CACHE": str(tmp_path / "cache2"), "PYTHONPATH": str(Path(__file__).parents[1])}
+    two = subprocess.run([str(launch if launch.exists() else shutil.which("mlx.launch")), "-n", "2", "--backend", "ring",
+                          "--starting-port", str(port), "--python", sys.executable, "--", "-m", "mlx_openelm.cli", *flags(tmp_path / "two")],
+                         capture_output=True, text=True, env=env, cwd=Path(__file__).parents[1], timeout=300)
+    assert two.returncode == 0, two.stdout + two.stderr
+    (s1, v1), (s2, v2) = metric_lines(tmp_path / "one"), metric_lines(tmp_path / "two")
+    assert [s["step"] for s in s2] == [1, 2, 3] and len(v2) == 1
+    for key in ("loss", "rewards/chosen", "rewards/margins", "rewards/accuracies", "tokens"):
+        np.testing.assert_allclose([s[key] for s in s2], [s[key] for s in s1], rtol=1e-4, atol=1e-6, err_msg=key)
+    np.testing.assert_allclose(v2[0]["val_rewards/margins"], v1[0]["val_rewards/margins"], rtol=1e-4, atol=1e-6)
+    w1, w2 = mx.load(str(tmp_path / "one" / "adapters.safetensors")), mx.load(str(tmp_path / "two" / "adapters.safetensors"))
+    for k in w1:
+        np.testing.assert_allclose(np.array(w2[k]), np.array(w1[k]), rtol=1e-3, atol=1e-5)
