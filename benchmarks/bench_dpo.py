@@ -190,6 +190,7 @@ def main() -> None:
 
     tic = time.perf_counter()
     checkpoint = bench.random_model(a.shape, "float32", seed=a.seed)
+    mx.eval(checkpoint.parameters())  # materialise the random weights now, not inside the first timed pass
     pairs = synthetic_pairs(a.batch_size * (a.steps + a.warmup), checkpoint.args.vocab_size, a.prompt_len, a.response_len, a.seed)
     contenders = {"ours": run_ours, "mlx_lm_lora": run_theirs}
     samples: Dict[str, List[Dict[str, float]]] = {k: [] for k in contenders}

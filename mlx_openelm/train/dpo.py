@@ -46,7 +46,6 @@ RECIPES = ("openelm-270M", "openelm-450M", "openelm-1_1B", "openelm-3B")
 RECIPE_DIR = Path(__file__).resolve().parents[2] / "recipes"
 MODEL_FILE = "model.safetensors"  # trainable parameters of a full fine-tuning checkpoint
 MODEL_DIR = "model"  # the full fine-tuned model folder inside output_dir
-EXTRAS = ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen", "logps/rejected")
 
 
 # -- the losses ----------------------------------------------------------------------------------
