@@ -1,8 +1,9 @@
 """Run, fine-tune and study Apple's OpenELM models with MLX."""
 
-from ._backend import preload_openblas
+from ._backend import defer_mlx_lm_init, preload_openblas
 
 preload_openblas()  # must run before anything imports mlx.core
+defer_mlx_lm_init()  # mlx-lm's submodules without its eager __init__ (transformers, torch: ~3 s)
 
 
 def _version() -> str:

@@ -53,3 +53,43 @@ def preload_openblas() -> str:
         return BLAS
     BLAS = f"OpenBLAS ({path})"
     return BLAS
+
+
+# ---------------------------------------------------------------- mlx-lm without transformers
+
+
+class _DeferredPackage(type(sys)):
+    """``mlx_lm`` registered without running its ``__init__`` (which imports ``convert`` ->
+    ``tokenizer_utils`` -> transformers -> torch: ~3 s). Its submodules import as usual; the first
+    lookup of a package-level name (``mlx_lm.load``, ``from mlx_lm import generate``, ...) runs
+    the real ``__init__`` then, so every use of mlx-lm keeps working."""
+
+    def __getattr__(self, name):
+        if self.__dict__.get("_mlx_openelm_initialised") or name in ("__path__", "__file__", "__spec__"):
+            raise AttributeError(name)
+        self.__dict__["_mlx_openelm_initialised"] = True
+        with open(self.__file__) as f:
+            exec(compile(f.read(), self.__file__, "exec"), self.__dict__)
+        return getattr(self, name)
+
+
+def defer_mlx_lm_init() -> bool:
+    """Register ``mlx_lm`` as a ``_DeferredPackage`` (unless already imported), so that importing
+    the submodules we use (``mlx_lm.models.cache``, ``mlx_lm.sample_utils``, ``mlx_lm.models.openelm``)
+    does not import transformers and torch. Set ``MLX_OPENELM_EAGER_MLX_LM=1`` to opt out.
+    Returns whether the package was deferred."""
+    import importlib.util
+
+    if "mlx_lm" in sys.modules or os.environ.get("MLX_OPENELM_EAGER_MLX_LM", "") not in ("", "0"):
+        return False
+    try:
+        spec = importlib.util.find_spec("mlx_lm")
+    except (ImportError, ValueError):
+        return False
+    if spec is None or not spec.submodule_search_locations or not spec.origin:
+        return False  # not installed: the first import explains
+    package = _DeferredPackage("mlx_lm")
+    package.__file__, package.__spec__, package.__package__ = spec.origin, spec, "mlx_lm"
+    package.__path__ = list(spec.submodule_search_locations)
+    sys.modules["mlx_lm"] = package
+    return True

@@ -7,6 +7,7 @@ Base weights stay frozen; the trainable parameters are ``lora_a``, ``lora_b`` an
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from dataclasses import asdict, dataclass
@@ -168,15 +169,18 @@ class DoRALinear(_LinearAdapter):
 
 
 class LoRAEmbedding(nn.Module):
-    """LoRA on a (float or quantized) token embedding, usable as the tied output layer.
+    """LoRA on a (float or quantized) token embedding that is also the tied output layer.
 
     The adapted table is ``E' = E + s * lora_a @ lora_b`` with ``lora_a [vocab, r]`` (zeros at init,
     indexed by token ids) and ``lora_b [r, dims]`` (N(0, 1) at init), the PEFT convention for
-    embeddings. ``__call__(ids) = E'[ids]`` and ``as_linear(x) = x @ E'.T``. No dropout (PEFT's
+    embeddings. ``__call__(ids) = E'[ids]``. The output layer ``as_linear(x)`` is ``x @ E.T`` with
+    the frozen base table, as in CoreNet (``general_gpt.py`` computes the logits from
+    ``token_embeddings.weight``, which its LoRA wrapper leaves unchanged); ``adapt_output=True``
+    uses ``x @ E'.T`` instead (the adapter then changes the output layer too). No dropout (PEFT's
     embedding adapter applies none). DoRA on embeddings is not supported (neither is it in CoreNet).
     """
 
-    def __init__(self, base: nn.Module, rank: int = 32, alpha: float = 32.0):
+    def __init__(self, base: nn.Module, rank: int = 32, alpha: float = 32.0, adapt_output: bool = False):
         super().__init__()
         if not isinstance(base, (nn.Embedding, nn.QuantizedEmbedding)):
             raise ValueError(f"LoRAEmbedding wraps nn.Embedding or nn.QuantizedEmbedding, got {type(base).__name__}")
@@ -186,25 +190,29 @@ class LoRAEmbedding(nn.Module):
         self.embedding = base
         self.rank, self.alpha = rank, float(alpha)
         self.scale = self.alpha / rank
+        self.adapt_output = bool(adapt_output)
         self.lora_a = mx.zeros((vocab, rank))
         self.lora_b = mx.random.normal((rank, dims))
 
     @classmethod
-    def from_base(cls, embedding: nn.Module, rank: int = 32, alpha: float = 32.0) -> "LoRAEmbedding":
+    def from_base(cls, embedding: nn.Module, rank: int = 32, alpha: float = 32.0, adapt_output: bool = False) -> "LoRAEmbedding":
         """Wrap ``embedding`` (nn.Embedding or nn.QuantizedEmbedding); outputs equal the base at init."""
-        return cls(embedding, rank=rank, alpha=alpha)
+        return cls(embedding, rank=rank, alpha=alpha, adapt_output=adapt_output)
 
     def __call__(self, ids: mx.array) -> mx.array:
         y = self.embedding(ids)
         return y + (self.scale * (self.lora_a[ids] @ self.lora_b)).astype(y.dtype)
 
     def as_linear(self, x: mx.array) -> mx.array:
-        """``x @ E'.T``: logits of the tied output layer."""
+        """Logits of the tied output layer: ``x @ E.T`` (CoreNet), or ``x @ E'.T`` with ``adapt_output``."""
+        if not self.adapt_output:
+            return self.embedding.as_linear(x)
         z = (x @ self.lora_b.T) @ self.lora_a.T
         return self.embedding.as_linear(x) + (self.scale * z).astype(x.dtype)
 
     def fuse(self, dequantize: bool = False) -> nn.Module:
-        """A plain nn.Embedding with ``E'``; re-quantized like the base unless ``dequantize``."""
+        """A plain nn.Embedding with ``E'``; re-quantized like the base unless ``dequantize``.
+        Without ``adapt_output`` the output layer must keep ``E``: see ``output_layer``."""
         e0 = _dense_weight(self.embedding)
         weight = e0.astype(mx.float32) + self.scale * (self.lora_a @ self.lora_b)
         fused = nn.Embedding(*e0.shape)
@@ -215,6 +223,24 @@ class LoRAEmbedding(nn.Module):
                 fused, group_size=base.group_size, bits=base.bits, mode=base.mode
             )
         return fused
+
+    def output_layer(self, dequantize: bool = False) -> nn.Module:
+        """The frozen base table as a separate output layer (``lm_head``: ``x @ E.T``), for a fused
+        model whose input embedding is ``E'`` but whose logits use ``E`` (CoreNet)."""
+        base = self.embedding
+        if isinstance(base, nn.QuantizedEmbedding) and not dequantize:
+            vocab, dims = self.lora_a.shape[0], self.lora_b.shape[1]
+            head = nn.QuantizedLinear(dims, vocab, bias=False, group_size=base.group_size, bits=base.bits, mode=base.mode)
+            head.weight, head.scales = base.weight, base.scales  # the same quantized table, used as x @ E.T
+            if "biases" in base:
+                head.biases = base.biases
+            else:
+                head.pop("biases", None)
+            return head
+        e0 = _dense_weight(base)
+        head = nn.Linear(e0.shape[1], e0.shape[0], bias=False)
+        head.weight = e0
+        return head
 
 
 ADAPTER_TYPES = (LoRALinear, DoRALinear, LoRAEmbedding)
@@ -232,6 +258,7 @@ class LoRAConfig:
     targets: Tuple[str, ...] = DEFAULT_TARGETS
     adapt_embeddings: bool = False
     layers: Optional[Tuple[int, ...]] = None
+    adapt_output: bool = False  # with adapt_embeddings: the tied output layer uses E' (CoreNet: E)
 
     def __post_init__(self):
         _check_rank(self.rank, self.alpha, self.dropout)
@@ -251,10 +278,6 @@ class LoRAConfig:
             raise ValueError(
                 "DoRA is not supported on token embeddings (as in CoreNet); turn off adapt_embeddings or use_dora"
             )
-
-    @property
-    def scale(self) -> float:
-        return self.alpha / self.rank
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -300,7 +323,7 @@ def _build_adapters(model: nn.Module, config: LoRAConfig) -> List[Tuple[str, nn.
                 adapter = cls.from_base(mod, rank=config.rank, alpha=config.alpha, dropout=config.dropout)
                 built.append((f"{_LAYERS_PATH}.{i}.{name}", adapter))
     if config.adapt_embeddings:
-        emb = LoRAEmbedding.from_base(model.transformer.token_embeddings, config.rank, config.alpha)
+        emb = LoRAEmbedding.from_base(model.transformer.token_embeddings, config.rank, config.alpha, config.adapt_output)
         built.append((_EMBEDDING_PATH, emb))
     for _, adapter in built:
         adapter.train(model.training)  # follow the model's train/eval mode (dropout)
@@ -323,19 +346,30 @@ def apply_adapters(
     targets: Sequence[str] = DEFAULT_TARGETS,
     adapt_embeddings: bool = False,
     layers: Optional[Sequence[int]] = None,
+    adapt_output: bool = False,
 ) -> nn.Module:
     """Freeze ``model`` and wrap the ``targets`` linears of the chosen transformer ``layers`` (all by
     default) with LoRA or DoRA adapters, plus the token embedding if ``adapt_embeddings``.
-    Modifies the model in place and returns it; only adapter parameters are trainable afterwards."""
-    config = LoRAConfig(rank, alpha, dropout, use_dora, tuple(targets), adapt_embeddings, layers)
+    Modifies the model in place and returns it; only adapter parameters are trainable afterwards.
+    The adapted embedding feeds the input only; the tied output layer keeps the base table (CoreNet)
+    unless ``adapt_output``."""
+    config = LoRAConfig(rank, alpha, dropout, use_dora, tuple(targets), adapt_embeddings, layers, adapt_output)
     _attach(model, _build_adapters(model, config))
     return model
 
 
 def fuse_adapters(model: nn.Module, dequantize: bool = False) -> nn.Module:
     """Replace every adapter by its fused layer (in place); quantized bases are re-quantized
-    unless ``dequantize``. Returns the model."""
-    fused = [(name, m.fuse(dequantize)) for name, m in model.named_modules() if isinstance(m, ADAPTER_TYPES)]
+    unless ``dequantize``. An embedding adapter without ``adapt_output`` unties the model: the
+    token embedding becomes ``E'`` and a new ``lm_head`` keeps ``E`` (``args.share_input_output_layers``
+    becomes False), so the fused model computes what the adapted one did. Returns the model."""
+    adapters = [(name, m) for name, m in model.named_modules() if isinstance(m, ADAPTER_TYPES)]
+    fused = [(name, m.fuse(dequantize)) for name, m in adapters]
+    for name, m in adapters:
+        if isinstance(m, LoRAEmbedding) and not m.adapt_output and getattr(model.args, "share_input_output_layers", False):
+            # the input table becomes E' but the logits keep E: untie them into a separate lm_head
+            fused.append(("lm_head", m.output_layer(dequantize)))
+            model.args = dataclasses.replace(model.args, share_input_output_layers=False)
     for name, layer in fused:
         _set_submodule(model, name, layer)
     return model
@@ -364,8 +398,12 @@ def load_adapters(model: nn.Module, folder: Union[str, Path]) -> LoRAConfig:
         if not (folder / name).is_file():
             raise FileNotFoundError(f"{folder / name} not found; pass a folder written by save_adapters")
     try:
-        config = LoRAConfig.from_dict(json.loads((folder / CONFIG_FILE).read_text()))
-    except (json.JSONDecodeError, TypeError) as e:
+        stored = json.loads((folder / CONFIG_FILE).read_text())
+        if isinstance(stored, dict) and stored.get("adapt_embeddings") and "adapt_output" not in stored:
+            # written before adapt_output existed: those embedding adapters also fed the output layer
+            stored = {**stored, "adapt_output": True}
+        config = LoRAConfig.from_dict(stored)
+    except (json.JSONDecodeError, TypeError, AttributeError) as e:
         raise ValueError(f"{folder / CONFIG_FILE} is not a valid adapter config ({e})") from None
     weights = mx.load(str(folder / ADAPTERS_FILE))
     built = _build_adapters(model, config)

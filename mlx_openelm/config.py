@@ -40,7 +40,12 @@ def _per_layer(spec: Union[Number, Sequence[Number]], n: int, name: str) -> List
 
 @dataclass
 class ModelArgs:
-    """OpenELM hyper-parameters; field names follow the Hugging Face ``config.json``."""
+    """OpenELM hyper-parameters; field names follow the Hugging Face ``config.json``.
+
+    Pass-through fields (kept so a config round-trips, not read by the model): ``rope_max_length``
+    (CoreNet's RoPE table size; MLX's RoPE needs none), ``bos_token_id``/``eos_token_id`` (the
+    tokenizer's ids rule). ``ffn_with_glu``, ``activation_fn_name`` and ``normalization_layer_name``
+    are checked: anything but OpenELM's values is refused rather than silently ignored."""
 
     num_transformer_layers: int
     model_dim: int
@@ -67,6 +72,11 @@ class ModelArgs:
     model_type: str = "openelm"
 
     def __post_init__(self):
+        for name in ("num_transformer_layers", "model_dim", "head_dim", "vocab_size", "num_gqa_groups", "ffn_dim_divisor",
+                     "max_context_length"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
         n = self.num_transformer_layers
         if self.model_type != "openelm":
             raise ValueError(f"model_type is {self.model_type!r}, expected 'openelm'")
@@ -116,7 +126,8 @@ class ModelArgs:
 
     @classmethod
     def from_name(cls, name: str, **overrides) -> "ModelArgs":
-        """Architecture of a released size: '270M', '450M', '1_1B' or '3B' (with or without 'OpenELM-')."""
+        """Architecture of a released size: '270M', '450M', '1_1B' or '3B' (with or without 'OpenELM-'),
+        or 'tiny' (a test shape)."""
         key = name.removeprefix("OpenELM-").removesuffix("-Instruct").replace(".", "_").upper()
         if key not in PRESETS:
             raise ValueError(f"unknown OpenELM size {name!r}; choose one of {', '.join(PRESETS)}")
@@ -142,4 +153,7 @@ PRESETS: Dict[str, Dict[str, Any]] = {
     "450M": dict(num_transformer_layers=20, model_dim=1536, head_dim=64),
     "1_1B": dict(num_transformer_layers=28, model_dim=2048, head_dim=64),
     "3B": dict(num_transformer_layers=36, model_dim=3072, head_dim=128),
+    # for tests, examples and quick checks (widths multiples of 32: quantize with group size 32),
+    # the vocabulary of the tokenizers the tests train on the fly
+    "TINY": dict(num_transformer_layers=4, model_dim=128, head_dim=16, num_gqa_groups=4, ffn_dim_divisor=32, vocab_size=384),
 }

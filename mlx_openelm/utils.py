@@ -7,9 +7,11 @@ kill) never leaves a half-written file or folder under the name the user asked f
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
+import socket
 import tempfile
 import time
 import uuid
@@ -23,13 +25,23 @@ PathLike = Union[str, Path]
 Progress = Callable[[str, int, int], None]
 
 PARTIAL_TAG = ".partial-"  # hidden build folders: .<name>.partial-XXXX
-STALE_SECONDS = 3600  # a partial folder untouched this long belongs to a dead (killed) writer
+OWNER_FILE = ".owner"  # inside a build folder: "<host> <pid>" of the process writing it
+STALE_SECONDS = 3600  # a partial folder of unknown owner untouched this long belongs to a dead writer
 
 
 def first_line(e: BaseException) -> str:
     """The first line of an exception's message (or its type name), for one-line errors."""
     text = str(e).strip()
     return text.splitlines()[0] if text else type(e).__name__
+
+
+def sha256_file(path: PathLike) -> str:
+    """Hex sha256 of a file's bytes, read in 1 MiB blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def atomic_write(path: PathLike, write: Callable[[str], None], mode: int = 0o644) -> Path:
@@ -68,17 +80,39 @@ def check_destination(dest: PathLike, force: bool, force_hint: str = "force=True
         raise ValueError(f"{dest} already exists and is not empty; pass {force_hint} to replace it or choose another path")
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True  # exists but is not ours, or we cannot tell
+    return True
+
+
+def _is_stale(folder: Path, max_age: float) -> bool:
+    """A build folder is stale when its writer (``OWNER_FILE``) is a dead process on this host, or,
+    owner unknown (another host, an older version), when untouched for ``max_age`` seconds."""
+    try:
+        host, pid = (folder / OWNER_FILE).read_text().split()
+        if host == socket.gethostname():
+            return int(pid) != os.getpid() and not _pid_alive(int(pid))
+    except (OSError, ValueError):
+        pass
+    return time.time() - folder.stat().st_mtime > max_age
+
+
 def remove_stale_partials(parent: PathLike, name: str, max_age: float = STALE_SECONDS) -> int:
-    """Delete hidden ``.<name>.partial-*`` folders in ``parent`` left by a killed writer. Returns how many."""
+    """Delete hidden ``.<name>.partial-*`` folders in ``parent`` left by a killed writer (see
+    ``_is_stale``); folders of a live writer are kept. Returns how many were removed."""
     parent = Path(parent)
     if not parent.is_dir():
         return 0
     removed = 0
-    now = time.time()
     for p in parent.glob(f".{name}{PARTIAL_TAG}*"):
         try:
-            if p.is_dir() and now - p.stat().st_mtime > max_age:
-                shutil.rmtree(p, ignore_errors=True)
+            if p.is_dir() and _is_stale(p, max_age):
+                shutil.rmtree(p)
                 removed += 1
         except OSError:
             continue
@@ -90,7 +124,8 @@ def atomic_folder(dest: PathLike, force: bool = False, on_replace: Optional[Call
     """Yield a temporary sibling of ``dest``; rename it to ``dest`` only if the block succeeds.
 
     On any failure the temporary folder (and parent folders created for it) are removed, so
-    nothing half-written is left behind. ``on_replace(dest)`` may veto replacing an existing
+    nothing half-written is left behind; build folders of killed writers (``kill -9``) are removed
+    by the next write to the same place (``remove_stale_partials``). ``on_replace(dest)`` may veto replacing an existing
     folder (raise) before anything is touched.
     """
     dest = Path(dest).absolute()
@@ -103,7 +138,9 @@ def atomic_folder(dest: PathLike, force: bool = False, on_replace: Optional[Call
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}{PARTIAL_TAG}", dir=dest.parent))
     try:
         os.chmod(tmp, 0o755)
+        (tmp / OWNER_FILE).write_text(f"{socket.gethostname()} {os.getpid()}\n")
         yield tmp
+        (tmp / OWNER_FILE).unlink(missing_ok=True)
         if dest.exists():
             old = dest.with_name(f".{dest.name}.old-{uuid.uuid4().hex[:8]}")
             os.rename(dest, old)

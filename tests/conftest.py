@@ -1,5 +1,8 @@
-"""Shared fixtures: a SentencePiece tokenizer trained on the fly and tiny checkpoints in the
-exact ``apple/OpenELM-*`` layout (config.json + model.safetensors with ``transformer.*`` keys)."""
+"""Shared test helpers, one home each: the SentencePiece tokenizer trained on the fly
+(``sp_model_path``), tiny checkpoints in the exact ``apple/OpenELM-*`` layout (``tiny_args``,
+``write_hf_checkpoint``: config.json + model.safetensors with ``transformer.*`` keys), a fake
+offline Hugging Face cache (``fake_hub_cache``, ``offline_hub``), ``logits``/``max_diff``, and
+the literal LLM-Adapters prompt templates."""
 
 from __future__ import annotations
 
@@ -71,11 +74,22 @@ def sp_model_path(tmp_path_factory) -> Path:
     return d / "tokenizer.model"
 
 
-TINY = dict(num_transformer_layers=4, model_dim=128, head_dim=16, num_gqa_groups=4, ffn_dim_divisor=32, vocab_size=384)
-
-
 def tiny_args(**overrides) -> ModelArgs:
-    return ModelArgs(**{**TINY, **overrides})
+    """The one tiny test shape: ``config.PRESETS["TINY"]`` (vocab 384 = the tokenizers trained here)."""
+    return ModelArgs.from_name("tiny", **overrides)
+
+
+def cli(*argv, capsys):
+    """Run ``mlx-openelm ARGV`` in process; ``(exit code, stdout, stderr)``."""
+    from mlx_openelm.cli import main
+
+    try:
+        main([str(a) for a in argv])
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    out = capsys.readouterr()
+    return code, out.out, out.err
 
 
 def hf_config(args: ModelArgs, torch_dtype="float32") -> dict:
@@ -138,6 +152,67 @@ def logits(model) -> mx.array:
 
 def max_diff(a, b) -> float:
     return mx.abs(a - b).max().item()
+
+
+# ---------------------------------------------------------------- a fake Hugging Face cache
+
+
+def fake_hub_cache(root, repo_id, files, revision="main", commit="a" * 40, repo_type="dataset") -> Path:
+    """A Hugging Face cache as ``hf_hub_download``/``snapshot_download`` leave it:
+    ``<root>/<type>s--Owner--name`` with ``refs/<revision>`` holding the commit and
+    ``snapshots/<commit>/<file>``. ``files`` maps a name to bytes or to a file to copy.
+    Returns the snapshot folder."""
+    folder = Path(root) / f"{repo_type}s--{repo_id.replace('/', '--')}"
+    ref = folder / "refs" / revision
+    ref.parent.mkdir(parents=True, exist_ok=True)
+    ref.write_text(commit)
+    snapshot = folder / "snapshots" / commit
+    snapshot.mkdir(parents=True, exist_ok=True)
+    for name, content in files.items():
+        p = snapshot / name
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_bytes(content if isinstance(content, bytes) else Path(content).read_bytes())
+    return snapshot
+
+
+@pytest.fixture
+def offline_hub(tmp_path, monkeypatch):
+    """HF_HOME/HF_HUB_CACHE in a temporary folder and HF_HUB_OFFLINE=1 (the constants are
+    read at import, so they are patched too). Returns the cache folder."""
+    from huggingface_hub import constants
+
+    cache = tmp_path / "hf" / "hub"
+    cache.mkdir(parents=True)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setenv("MLX_OPENELM_CACHE", str(tmp_path / "mlx-openelm-cache"))
+    return cache
+
+
+# ---------------------------------------------------------------- LLM-Adapters prompts
+
+# Literal copies of LLM-Adapters (commit 8166572) finetune.py / commonsense_evaluate.py prompts.
+TRAIN_NO_INPUT = (
+    "Below is an instruction that describes a task. Write a response that appropriately completes the request.  \n"
+    "\n"
+    "                ### Instruction:\n"
+    "                INS\n"
+    "                \n"
+    "                ### Response:\n"
+    "                OUT"
+)
+EVAL_NO_INPUT = (
+    "Below is an instruction that describes a task. Write a response that appropriately completes the request. \n"
+    "\n"
+    "                ### Instruction:\n"
+    "                INS\n"
+    "\n"
+    "                ### Response:\n"
+    "                "
+)
 
 
 @pytest.fixture

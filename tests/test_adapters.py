@@ -235,14 +235,15 @@ def test_fuse_quantized(cls):
 # ---- embedding ----
 
 @pytest.mark.parametrize("quantized", [False, True])
-def test_lora_embedding(quantized):
+@pytest.mark.parametrize("adapt_output", [False, True])
+def test_lora_embedding(quantized, adapt_output):
     mx.random.seed(5)
     base = nn.Embedding(50, 64)
     if quantized:
         base = nn.QuantizedEmbedding.from_embedding(base, group_size=32, bits=4)
     ids = mx.array([[0, 7, 49, 7]])
     h = mx.random.normal((2, 3, 64))
-    emb = LoRAEmbedding.from_base(base, rank=4, alpha=8.0)
+    emb = LoRAEmbedding.from_base(base, rank=4, alpha=8.0, adapt_output=adapt_output)
     assert {k for k, _ in tree_flatten(emb.trainable_parameters())} == {"lora_a", "lora_b"}
     np.testing.assert_array_equal(np.array(emb(ids)), np.array(base(ids)))
     np.testing.assert_allclose(np.array(emb.as_linear(h)), np.array(base.as_linear(h)), atol=1e-5)
@@ -250,7 +251,10 @@ def test_lora_embedding(quantized):
     emb.lora_a = mx.array(np.random.default_rng(0).normal(0, 0.1, (50, 4)).astype(np.float32))
     E = dense_weight(base) + 2.0 * np_(emb.lora_a) @ np_(emb.lora_b)  # E' = E + s A B, s = 2
     np.testing.assert_allclose(np_(emb(ids)), E[np.array(ids)], atol=1e-5)
-    np.testing.assert_allclose(np_(emb.as_linear(h)), np_(h) @ E.T, atol=1e-4)
+    # CoreNet: the logits use the frozen base table E; adapt_output: the adapted E'
+    out_table = E if adapt_output else dense_weight(base)
+    np.testing.assert_allclose(np_(emb.as_linear(h)), np_(h) @ out_table.T, atol=1e-4)
+    np.testing.assert_allclose(np_(emb.output_layer(dequantize=True)(h)), np_(h) @ dense_weight(base).T, atol=1e-4)
     fused = emb.fuse(dequantize=True)
     assert type(fused) is nn.Embedding
     np.testing.assert_allclose(np_(fused.weight), E, atol=1e-5)
@@ -326,7 +330,10 @@ def test_apply_save_load_fuse(tmp_path, use_dora, adapt_embeddings, quantize):
     assert not any(isinstance(m, nn.QuantizedLinear) for _, m in fresh.transformer.layers[0].named_modules())
     np.testing.assert_allclose(np.array(fresh(TOKENS)), np.array(logits), atol=1e-4, rtol=1e-4)
     if not quantize:
-        assert {k for k, _ in tree_flatten(fresh.parameters())} == base_names
+        # an embedding adapter unties the fused model: E' feeds the input, lm_head keeps E (CoreNet)
+        untied = {"lm_head.weight"} if adapt_embeddings else set()
+        assert {k for k, _ in tree_flatten(fresh.parameters())} == base_names | untied
+        assert fresh.args.share_input_output_layers is not adapt_embeddings
 
 
 def test_apply_selected_layers_and_requantized_fuse():

@@ -18,6 +18,7 @@ from mlx.utils import tree_flatten
 
 from mlx_openelm.bench import core as bench
 from mlx_openelm.model import Model, RMSNorm
+from mlx_openelm.weights import compute_plan
 
 ROOT = Path(__file__).resolve().parents[1]
 TIMED = ("prompt_tps", "generation_tps", "ttft_s", "peak_memory_gb")
@@ -49,7 +50,8 @@ def test_cli_json_has_every_field_and_writes_the_chart(tmp_path):
                 "gen_tokens", "repeats", *TIMED, "mlx_lm", "rmsnorm_ablation", "plot"):
         assert key in out, key
     assert out["blas"] == mlx_openelm._backend.BLAS
-    assert out["device"] == "cpu" and out["dtype"] == "float32"  # auto policy on the CPU
+    plan = compute_plan("auto", stored_quantized=False)  # THE device policy
+    assert out["device"] == plan.device and out["dtype"] == (plan.dtype or "float16")
     assert out["checkpoint"]["dtype"] == "float16"
     check_run(out, 3)
 
@@ -142,27 +144,21 @@ def test_mlx_lm_twin_shares_weights_and_computes_the_same():
 
 
 @pytest.mark.parametrize("bits", [None, 4])
-def test_as_loaded_matches_the_loader(tmp_path, sp_model_path, bits):
-    """Random-weight runs must see what loading.load_model would make of the same checkpoint."""
-    from mlx_openelm.io.folder import save_model
-    from mlx_openelm.io.load import load_model
-
+def test_as_loaded_follows_the_compute_plan(bits):
+    """Random-weight runs get what ``weights.compute_plan`` (the loader's policy) decides."""
     ckpt = bench.random_model("tiny", "float16", quantize=bits, seed=2)
-    folder = save_model(tmp_path / "ckpt", ckpt, {}, sp_model_path)
     for dtype in ("auto", "float16", "bfloat16", "float32"):
-        mine = bench.as_loaded(ckpt, dtype)
-        loaded = load_model(folder, dtype=dtype, keep_quantized=dtype != "auto")
-        assert bench.describe(mine) == bench.describe(loaded), dtype
-        theirs = dict(tree_flatten(loaded.parameters()))
-        for k, v in tree_flatten(mine.parameters()):
-            assert v.dtype == theirs[k].dtype and mx.array_equal(v, theirs[k]).item(), (dtype, k)
-    assert bench.describe(bench.as_loaded(ckpt, "auto"))["dtype"] == "float32"  # the CPU policy
-    assert bench.as_loaded(ckpt, "float16") is ckpt
+        plan = compute_plan(dtype, bits is not None, keep_quantized=dtype != "auto")
+        got = bench.describe(bench.as_loaded(ckpt, dtype))
+        assert got["dtype"] == (plan.dtype or "float16"), dtype
+        assert (got["quantization"] is None) == (bits is None or plan.dequantize), dtype
+    assert bench.as_loaded(ckpt, "float16") is ckpt  # nothing to change: the same weights
 
 
 def test_random_checkpoint_dtype():
     assert bench.random_checkpoint_dtype("auto") == "float16"
-    assert bench.random_checkpoint_dtype("auto", 4) == "float32"  # on the CPU: float16 quantized matmul is slow
+    on_cpu = compute_plan("auto", True).device == "cpu"  # on a CPU float16 quantized matmul is slow
+    assert bench.random_checkpoint_dtype("auto", 4) == ("float32" if on_cpu else "float16")
     assert bench.random_checkpoint_dtype("bfloat16", 4) == "bfloat16"
 
 

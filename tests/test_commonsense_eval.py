@@ -11,8 +11,7 @@ import pytest
 
 import mlx_openelm  # noqa: F401
 import mlx.core as mx
-from conftest import _corpus, tiny_args
-from test_data import EVAL_NO_INPUT, TRAIN_NO_INPUT, fake_hub_cache, offline_hub  # noqa: F401
+from conftest import EVAL_NO_INPUT, TRAIN_NO_INPUT, fake_hub_cache, tiny_args
 
 from mlx_openelm.eval import commonsense as E
 from mlx_openelm.model import Model, init_weights
@@ -69,19 +68,10 @@ def model():
 
 
 @pytest.fixture(scope="module")
-def tok(tmp_path_factory):
-    """A SentencePiece model that keeps every space, like Llama's (conftest's tokenizer
-    collapses whitespace, which would hide the 16-space indentation of the prompts)."""
-    import sentencepiece as spm
-
-    d = tmp_path_factory.mktemp("spm_ws")
-    (d / "corpus.txt").write_text("\n".join(_corpus()))
-    spm.SentencePieceTrainer.train(
-        input=str(d / "corpus.txt"), model_prefix=str(d / "tokenizer"), vocab_size=384, model_type="bpe",
-        byte_fallback=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1, character_coverage=1.0, num_threads=1,
-        minloglevel=2, remove_extra_whitespaces=False, normalization_rule_name="identity",
-    )
-    return Tokenizer(d / "tokenizer.model")
+def tok(sp_model_path):
+    """conftest's tokenizer keeps every space, like Llama's, so the 16-space indentation of the
+    prompts survives."""
+    return Tokenizer(sp_model_path)
 
 
 def test_tokenizer_boundary_of_the_continuation(tok):

@@ -16,7 +16,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_map
 
-from conftest import hf_config, logits, max_diff, tiny_args, write_hf_checkpoint
+from conftest import fake_hub_cache, hf_config, logits, max_diff, tiny_args, write_hf_checkpoint
 from mlx_openelm.io.convert import convert
 from mlx_openelm.io.load import load_model
 from mlx_openelm.model import Model, init_weights
@@ -301,35 +301,34 @@ def test_existing_output_needs_force_and_failure_keeps_it(hf_checkpoint, sp_mode
     (out / "keep.txt").write_text("mine")
     code, err = _cli(["--hf", src, "--mlx-path", out, "--tokenizer", sp_model_path], capsys)
     assert code == 1 and "force" in err and len(err.strip().splitlines()) == 1
-    assert (out / "keep.txt").read_text() == "mine"
+    # --force never replaces a folder that no conversion wrote
+    code, err = _cli(["--hf", src, "--mlx-path", out, "--tokenizer", sp_model_path, "--force"], capsys)
+    assert code == 1 and "not written by a conversion" in err and len(err.strip().splitlines()) == 1
+    assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]
+
+    ours = tmp_path / "ours"
+    convert(str(src), ours, dtype="float16", tokenizer=str(sp_model_path))
+    before = {p.name: p.read_bytes() for p in ours.iterdir()}
 
     def fail_midway(name, i, n):
         if i == 3:
             raise OSError("disk full")
 
     with pytest.raises(OSError, match="disk full"):
-        convert(str(src), out, tokenizer=str(sp_model_path), force=True, progress=fail_midway)
-    assert sorted(p.name for p in out.iterdir()) == ["keep.txt"] and leftovers(tmp_path) == []
+        convert(str(src), ours, tokenizer=str(sp_model_path), force=True, progress=fail_midway)
+    assert {p.name: p.read_bytes() for p in ours.iterdir()} == before and leftovers(tmp_path) == []
 
-    convert(str(src), out, dtype="float32", tokenizer=str(sp_model_path), force=True)
-    assert not (out / "keep.txt").exists() and leftovers(tmp_path) == []
-    assert max_diff(logits(load_model(out)), logits(model)) < 1e-5
+    convert(str(src), ours, dtype="float32", tokenizer=str(sp_model_path), force=True)
+    assert leftovers(tmp_path) == []
+    assert max_diff(logits(load_model(ours)), logits(model)) < 1e-5
 
 
 # ---------------------------------------------------------------- the Hub, offline
 
 
 def _fake_hub_cache(cache: Path, repo: str, files: dict) -> Path:
-    """The huggingface_hub cache layout for ``repo`` at one commit; ``files`` maps name -> source path."""
-    commit = "0123456789abcdef0123456789abcdef01234567"
-    root = cache / f"models--{repo.replace('/', '--')}"
-    snapshot = root / "snapshots" / commit
-    snapshot.mkdir(parents=True)
-    for name, path in files.items():
-        (snapshot / name).write_bytes(Path(path).read_bytes())
-    (root / "refs").mkdir()
-    (root / "refs" / "main").write_text(commit)
-    return snapshot
+    """conftest's fake cache for a model repo at one fixed commit."""
+    return fake_hub_cache(cache, repo, files, commit="0123456789abcdef0123456789abcdef01234567", repo_type="model")
 
 
 def test_hub_id_converts_fully_offline(tmp_path, sp_model_path, hf_checkpoint):

@@ -9,19 +9,11 @@ import numpy as np
 import pytest
 
 import mlx_openelm  # noqa: F401
+from conftest import EVAL_NO_INPUT, TRAIN_NO_INPUT, fake_hub_cache
 from mlx_openelm import data as D
 from mlx_openelm.tokenizer import Tokenizer
 
 # Literal copies of LLM-Adapters (commit 8166572) finetune.py / commonsense_evaluate.py prompts.
-TRAIN_NO_INPUT = (
-    "Below is an instruction that describes a task. Write a response that appropriately completes the request.  \n"
-    "\n"
-    "                ### Instruction:\n"
-    "                INS\n"
-    "                \n"
-    "                ### Response:\n"
-    "                OUT"
-)
 TRAIN_WITH_INPUT = (
     "Below is an instruction that describes a task, paired with an input that provides further context. Write a response that appropriately completes the request. \n"
     "\n"
@@ -33,15 +25,6 @@ TRAIN_WITH_INPUT = (
     "                \n"
     "                ### Response:\n"
     "                OUT"
-)
-EVAL_NO_INPUT = (
-    "Below is an instruction that describes a task. Write a response that appropriately completes the request. \n"
-    "\n"
-    "                ### Instruction:\n"
-    "                INS\n"
-    "\n"
-    "                ### Response:\n"
-    "                "
 )
 
 
@@ -116,36 +99,6 @@ def test_malformed_records_name_file_and_line(tmp_path):
     f6.write_text('[\n {"instruction": "a", "output": "b"},\n 7\n]')
     with pytest.raises(ValueError, match=rf"^{f6}:3: a record must be a JSON object"):
         D.load_records(f6)
-
-
-def fake_hub_cache(root, repo_id, files, revision="main", commit="a" * 40):
-    """A Hugging Face cache as hf_hub_download leaves it: <root>/datasets--Owner--name with
-    refs/<revision> holding the commit and snapshots/<commit>/<file>."""
-    folder = root / ("datasets--" + repo_id.replace("/", "--"))
-    ref = folder / "refs" / revision
-    ref.parent.mkdir(parents=True, exist_ok=True)
-    ref.write_text(commit)
-    for name, content in files.items():
-        p = folder / "snapshots" / commit / name
-        p.parent.mkdir(parents=True, exist_ok=True)
-        p.write_bytes(content)
-    return folder
-
-
-@pytest.fixture
-def offline_hub(tmp_path, monkeypatch):
-    """HF_HOME/HF_HUB_CACHE in a temporary folder and HF_HUB_OFFLINE=1 (the constants are
-    read at import, so they are patched too)."""
-    from huggingface_hub import constants
-
-    cache = tmp_path / "hf" / "hub"
-    cache.mkdir(parents=True)
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
-    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
-    return cache
 
 
 def test_fetch_commonsense_170k_offline(offline_hub):

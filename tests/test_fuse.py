@@ -14,8 +14,7 @@ import mlx_openelm  # noqa: F401  (OpenBLAS before mlx)
 import mlx.core as mx
 import mlx.nn as nn
 
-from conftest import tiny_args, write_hf_checkpoint
-from mlx_openelm.cli import main
+from conftest import cli, tiny_args, write_hf_checkpoint
 from mlx_openelm.io.convert import convert
 from mlx_openelm.io.load import load, load_model
 from mlx_openelm.adapters import DoRALinear, LoRAConfig, LoRAEmbedding, LoRALinear, apply_adapters, load_adapters, save_adapters
@@ -34,15 +33,6 @@ def rel_diff(a, b) -> float:
     return mx.abs(a - b).max().item() / mx.abs(b).max().item()
 
 
-def cli(*argv, capsys):
-    """Run ``mlx-openelm ARGV`` in process; ``(exit code, stdout, stderr)``."""
-    try:
-        main([str(a) for a in argv])
-        code = 0
-    except SystemExit as e:
-        code = e.code
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 def stray(parent: Path):
@@ -112,7 +102,10 @@ def test_float_base_fuses_exactly(bases, tmp_path, capsys, use_dora):
     assert (tmp_path / "fused" / "tokenizer.model").read_bytes() == (bases["float32"] / "tokenizer.model").read_bytes()
     assert tok.encode("the cat sat") == load(bases["float32"])[1].encode("the cat sat")
     base_keys = set(mx.load(str(bases["float32"] / "model.safetensors")))
-    assert set(mx.load(str(tmp_path / "fused" / "model.safetensors"))) == base_keys
+    # LoRA here adapts the embedding: the fused model is untied (E' in, the base E out, as CoreNet)
+    untied = {"lm_head.weight"} if not use_dora else set()
+    assert set(mx.load(str(tmp_path / "fused" / "model.safetensors"))) == base_keys | untied
+    assert config["share_input_output_layers"] is use_dora
 
 
 def test_float16_base_stays_float16(bases, tmp_path, capsys):
@@ -150,7 +143,9 @@ def test_quantized_base_requantized_or_dequantized(bases, tmp_path, capsys, use_
     config = json.loads((tmp_path / "q" / "config.json").read_text())
     assert config["quantization"] == json.loads((q4 / "config.json").read_text())["quantization"]
     stored = mx.load(str(tmp_path / "q" / "model.safetensors"))
-    assert set(stored) == set(mx.load(str(q4 / "model.safetensors")))
+    # LoRA adapts the embedding: lm_head (the base's quantized table, as CoreNet's logits use E) is added
+    untied = set() if use_dora else {"lm_head.weight", "lm_head.scales", "lm_head.biases"}
+    assert set(stored) == set(mx.load(str(q4 / "model.safetensors"))) | untied
     assert stored["transformer.layers.0.attn.qkv_proj.weight"].dtype == mx.uint32
     kept = load_model(tmp_path / "q", dtype=None)
     assert isinstance(kept.transformer.layers[0].attn.qkv_proj, nn.QuantizedLinear)
@@ -163,6 +158,8 @@ def test_quantized_base_requantized_or_dequantized(bases, tmp_path, capsys, use_
     for path in {k.rsplit(".", 1)[0] for k in stored if k.endswith(".scales")}:
         if path in adapted:
             expected = dict(zip(("weight", "scales", "biases"), mx.quantize(fused_float[f"{path}.weight"], 32, 4)))
+        elif path == "lm_head":
+            expected = {leaf: base_stored[f"transformer.token_embeddings.{leaf}"] for leaf in ("weight", "scales", "biases")}
         else:
             expected = {leaf: base_stored[f"{path}.{leaf}"] for leaf in ("weight", "scales", "biases")}
         for leaf, value in expected.items():
@@ -189,8 +186,11 @@ def test_export_hf_round_trip(bases, tmp_path, capsys):
     for key in ("architectures", "auto_map", "model_type", "num_query_heads", "num_kv_heads", "num_transformer_layers"):
         assert config[key] == apple[key], key
 
-    # the apple/OpenELM checkpoint it came from has the same tensor names and shapes
+    # the apple/OpenELM checkpoint it came from has the same tensor names and shapes, plus the
+    # untied output layer (the embedding LoRA leaves the logits on the base table, as CoreNet)
     theirs = {k: v.shape for k, v in mx.load(str(bases["hf"] / "model.safetensors")).items()}
+    theirs["lm_head.weight"] = theirs["transformer.token_embeddings.weight"]
+    assert config["share_input_output_layers"] is False
     ours = mx.load(str(out / "model.safetensors"))
     assert {k: v.shape for k, v in ours.items()} == theirs
     assert {v.dtype for v in ours.values()} == {mx.float32}

@@ -15,11 +15,14 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_map
 
-from conftest import TOKENS, hf_config, logits, max_diff, tiny_args, write_hf_checkpoint
+from conftest import TOKENS, fake_hub_cache, hf_config, logits, max_diff, tiny_args, write_hf_checkpoint
+
+COMMIT = "0123456789abcdef0123456789abcdef01234567"
 from mlx_openelm.io.convert import convert
 from mlx_openelm.io.folder import export_hf, save_model
 from mlx_openelm.io.load import load, load_model, resolve_model_path
 from mlx_openelm.tokenizer import CHAT_TEMPLATE, Tokenizer
+from mlx_openelm.weights import compute_plan
 
 def float_dtypes(model) -> set:
     return {v.dtype for _, v in tree_flatten(model.parameters()) if mx.issubdtype(v.dtype, mx.floating)}
@@ -39,9 +42,11 @@ def test_load_returns_model_and_tokenizer(converted):
     assert isinstance(tok, Tokenizer) and tok.chat_template == CHAT_TEMPLATE
     assert tok.encode("the cat") == Tokenizer(folder).encode("the cat")
     info = m.compute_info
-    assert (info["device"], info["dtype"], info["stored_dtype"], info["quantized"]) == ("cpu", "float32", "float16", None)
+    plan = compute_plan("auto", stored_quantized=False)  # THE device policy (float32 on a CPU)
+    expected = plan.dtype or "float16"
+    assert (info["device"], info["dtype"], info["stored_dtype"], info["quantized"]) == (plan.device, expected, "float16", None)
     assert "blas" in info and "compute_info" not in dict(tree_flatten(m.parameters()))
-    assert float_dtypes(m) == {mx.float32}  # auto on the CPU: float16 storage, float32 compute
+    assert float_dtypes(m) == {getattr(mx, expected)}
     ref = logits(model)
     assert max_diff(logits(m), ref) < 2e-2 * mx.abs(ref).max().item()
 
@@ -171,13 +176,11 @@ print(json.dumps({"ready": str(ready), "converted": str(model.folder), "again": 
 
 
 def test_hub_ids_resolve_offline(tmp_path, sp_model_path, hf_checkpoint):
-    from test_convert import _fake_hub_cache
-
     src, model = hf_checkpoint
     cache = tmp_path / "hub"
-    _fake_hub_cache(cache, "apple/OpenELM-270M", {n: src / n for n in ("config.json", "model.safetensors")})
+    fake_hub_cache(cache, "apple/OpenELM-270M", {n: src / n for n in ("config.json", "model.safetensors")}, commit=COMMIT, repo_type="model")
     mlx_community = convert(str(src), tmp_path / "q", quantize=True, tokenizer=str(sp_model_path))
-    ready = _fake_hub_cache(cache, "mlx-community/OpenELM-tiny-4bit", {p.name: p for p in mlx_community.iterdir()})
+    ready = fake_hub_cache(cache, "mlx-community/OpenELM-tiny-4bit", {p.name: p for p in mlx_community.iterdir()}, commit=COMMIT, repo_type="model")
     env = {**os.environ, "HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1", "MLX_OPENELM_CACHE": str(tmp_path / "mlx-cache")}
     done = subprocess.run([sys.executable, "-c", HUB_SCRIPT, str(sp_model_path)], capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0, done.stderr

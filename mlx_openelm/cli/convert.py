@@ -10,17 +10,17 @@ import typer
 
 
 def convert_command(
-    hf: Annotated[Optional[str], typer.Option("--hf", help="Hugging Face repo id (apple/OpenELM-270M) or local folder.")] = None,
+    hf: Annotated[Optional[str], typer.Option("--hf", "--hf-path", help="Hugging Face repo id (apple/OpenELM-270M) or local folder.")] = None,
     mlx_path: Annotated[Optional[Path], typer.Option("--mlx-path", help="Output folder (default: mlx_model/<name>).")] = None,
     dtype: Annotated[str, typer.Option(help="float16, bfloat16 or float32 (use bfloat16 for 3B).")] = "float16",
     quantize: Annotated[bool, typer.Option("-q", "--quantize", help="Quantize linear layers and the embedding.")] = False,
     q_bits: Annotated[int, typer.Option("--q-bits", help="Bits per weight: 4 or 8 (2, 3, 5, 6 also work).")] = 4,
     q_group_size: Annotated[int, typer.Option("--q-group-size", help="Quantization group size: 32, 64 or 128.")] = 64,
-    tokenizer: Annotated[Optional[str], typer.Option(help="tokenizer.model, a folder with one, or a hub repo (default: the source's, else meta-llama/Llama-2-7b-hf).")] = None,
+    tokenizer: Annotated[Optional[str], typer.Option(help="tokenizer.model, a folder with one, or a hub repo (default: the source's, else meta-llama/Llama-2-7b-hf, else its public copy hf-internal-testing/llama-tokenizer if its sha256 matches).")] = None,
     revision: Annotated[Optional[str], typer.Option(help="Hub revision (branch, tag or commit).")] = None,
-    corenet: Annotated[Optional[Path], typer.Option(help="CoreNet checkpoint (.pt) instead of --hf.")] = None,
-    corenet_config: Annotated[Optional[Path], typer.Option("--corenet-config", help="The CoreNet training YAML of --corenet.")] = None,
-    force: Annotated[bool, typer.Option(help="Replace an existing output folder.")] = False,
+    corenet: Annotated[Optional[Path], typer.Option(help="CoreNet checkpoint (.pt, e.g. Apple's checkpoint_epoch_0_iter_49999.pt; of a training checkpoint only the model part is read) instead of --hf.")] = None,
+    corenet_config: Annotated[Optional[Path], typer.Option("--corenet-config", help="The CoreNet training YAML of --corenet (optional: the published sizes and any OpenELM shape are recognized).")] = None,
+    force: Annotated[bool, typer.Option(help="Replace an existing output folder that an earlier conversion wrote (never anything else).")] = False,
 ):
     """Convert an OpenELM checkpoint (Hugging Face or CoreNet) into an MLX model folder."""
     from rich.console import Console
@@ -50,3 +50,15 @@ def convert_command(
             progress=lambda name, i, n: bar.update(task, completed=i, total=n, description=name),
         )
     Console(soft_wrap=True, highlight=False).print(f"[green]Saved[/green] {escape(str(out))}")
+    origin = _tokenizer_origin(out)
+    if origin and origin != "source" and tokenizer is None:
+        err.print(f"tokenizer: tokenizer.model of {escape(origin)}")
+
+
+def _tokenizer_origin(folder: Path):
+    import json
+
+    try:
+        return json.loads((folder / "config.json").read_text()).get("mlx_openelm", {}).get("tokenizer")
+    except (OSError, ValueError, AttributeError):
+        return None

@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from ._common import ModelOpt, _load, _progress_callback
+from ._common import ModelOpt, TokenizerOpt, _load, _progress_callback
 
 
 def _fmt(v, stderr=None) -> str:
@@ -66,13 +66,14 @@ def eval_(
                                         "--data the commonsense tasks (default: all 8)."),
     data: Optional[str] = typer.Option(None, "--data", help="Run the commonsense evaluation instead of lm-eval: "
                                        "'commonsense' (test sets from the Hub) or LLM-Adapters' dataset/ folder."),
-    num_fewshot: Optional[int] = typer.Option(None, "--num-fewshot", help="lm-eval few-shot examples (default: each task's own; 0 for the paper's)."),
-    limit: Optional[int] = typer.Option(None, "--limit", help="Evaluate at most N examples per task (for quick checks)."),
-    batch_size: int = typer.Option(8, "--batch-size", "-b", help="Sequences per forward pass."),
+    num_fewshot: Optional[int] = typer.Option(None, "--num-fewshot", "--num-shots", min=0, help="lm-eval few-shot examples (default: each task's own; 0 for the paper's)."),
+    limit: Optional[int] = typer.Option(None, "--limit", min=1, help="Evaluate at most N examples per task (for quick checks)."),
+    batch_size: int = typer.Option(8, "--batch-size", "-b", min=1, help="Sequences per forward pass."),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Write all numbers to this JSON file."),
     protocol: Optional[str] = typer.Option(None, "--protocol", help="With --data: loglikelihood (CoreNet's, default) or generate (LLM-Adapters')."),
     include_path: Optional[Path] = typer.Option(None, "--include-path", help="Folder of extra lm-eval task YAML files."),
     adapter_path: Optional[Path] = typer.Option(None, "--adapter-path", help="LoRA/DoRA adapters folder to apply."),
+    tokenizer: Optional[str] = TokenizerOpt,
     dtype: str = typer.Option("auto", "--dtype", help="Compute dtype: auto, float32, float16, bfloat16."),
 ):
     """Evaluate zero-shot accuracy: lm-eval tasks (the paper's table by default) or, with --data, the 8 commonsense tasks."""
@@ -98,7 +99,7 @@ def eval_(
         if num_fewshot is not None or include_path is not None:
             raise ValueError("--num-fewshot and --include-path apply to lm-eval tasks, not to --data")
         protocol = protocol or "loglikelihood"
-    m, tok = _load(model, dtype, adapter_path)
+    m, tok = _load(model, dtype, adapter_path, tokenizer)
     console = Console()
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=Console(stderr=True), transient=True) as progress:

@@ -100,7 +100,7 @@ def lora(
     dropout: float = typer.Option(_C.dropout, "--dropout", help="Dropout on the adapter input (CoreNet 0.1; LLM-Adapters 0.05)."),
     dora: bool = typer.Option(_C.use_dora, "--dora", help="DoRA: learn a magnitude per output feature as well (Liu et al. 2024)."),
     targets: str = typer.Option(",".join(_C.targets), "--targets", help="Comma-separated linear layers to adapt in every block."),
-    adapt_embeddings: bool = typer.Option(_C.adapt_embeddings, "--adapt-embeddings", help="Also adapt the input token embeddings, as CoreNet does (LoRA only)."),
+    adapt_embeddings: bool = typer.Option(_C.adapt_embeddings, "--adapt-embeddings", help="Also adapt token_embeddings (input only; the tied output layer keeps the base table, as CoreNet does); LoRA only."),
     learning_rate: float = typer.Option(_A.learning_rate, "--learning-rate", "--lr", help="Peak learning rate after warmup (CoreNet and LLM-Adapters: 3e-4)."),
     min_learning_rate: float = typer.Option(_A.min_learning_rate, "--min-learning-rate", "--min-lr", help="Learning rate at the end of the cosine decay (CoreNet: 3e-5)."),
     warmup: float = typer.Option(_A.warmup, "--warmup", help="Linear warmup steps from 1e-6; a value below 1 is a fraction of all steps (LLM-Adapters 100; CoreNet 1000 of 4375)."),

@@ -24,6 +24,7 @@ from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
+from ..generate.sampling import SamplingConfig
 from ..generate.stream import stream_generate
 from ..scoring import context_length, encode_pair, score_tokens, tok_encode
 from ..tokenizer import Tokenizer
@@ -33,22 +34,6 @@ Progress = Callable[[str, int, int], None]  # (request type, done, total)
 DEFAULT_MAX_GEN_TOKS = 256
 # Generation options that change nothing when left at these values (HF generate's names).
 _NEUTRAL_GEN_KWARGS = {"num_beams": 1, "num_return_sequences": 1, "use_cache": True, "early_stopping": False}
-
-
-def sampling_options(gen_kwargs: Dict[str, Any]) -> Dict[str, Any]:
-    """``stream_generate`` sampling options from lm-eval generation kwargs (HF names); consumes
-    the keys it reads. ``do_sample=False`` or temperature 0 is greedy; ``do_sample=True`` without
-    a temperature samples at 1.0."""
-    do_sample = gen_kwargs.pop("do_sample", None)
-    temperature = float(gen_kwargs.pop("temperature", 1.0 if do_sample else 0.0))
-    top_p = float(gen_kwargs.pop("top_p", 1.0) or 1.0)
-    top_k = int(gen_kwargs.pop("top_k", 0) or 0)
-    min_p = float(gen_kwargs.pop("min_p", 0.0) or 0.0)
-    repetition_penalty = gen_kwargs.pop("repetition_penalty", None)
-    if do_sample is False or temperature == 0.0:
-        return dict(temp=0.0, repetition_penalty=repetition_penalty)
-    return dict(temp=temperature, top_p=top_p if top_p < 1.0 else 0.0, top_k=top_k, min_p=min_p,
-                repetition_penalty=repetition_penalty)
 
 
 def cut_at_stop(text: str, until: Sequence[str]) -> Optional[int]:
@@ -148,7 +133,7 @@ class OpenELMLM(LM):
         until = kwargs.pop("until", None) or []
         until = [until] if isinstance(until, str) else list(until)
         max_gen = int(kwargs.pop("max_gen_toks", self.max_gen_toks))
-        sampling = sampling_options(kwargs)
+        sampling = SamplingConfig.from_hf(kwargs)  # consumes the keys it reads
         unknown = [k for k, v in kwargs.items() if _NEUTRAL_GEN_KWARGS.get(k, object()) != v]
         if unknown:
             raise ValueError(f"generation option(s) {', '.join(unknown)} are not supported by mlx-openelm")
@@ -157,7 +142,7 @@ class OpenELMLM(LM):
             raise ValueError(f"max_gen_toks={max_gen} leaves no room for a context in {self.max_length} tokens")
         ids = tok_encode(self.tokenizer, context)[-room:]
         text = ""
-        for r in stream_generate(self.model, self.tokenizer, ids, max_tokens=max_gen, **sampling):
+        for r in stream_generate(self.model, self.tokenizer, ids, max_tokens=max_gen, sampling=sampling):
             text += r.text
             cut = cut_at_stop(text, until)
             if cut is not None:

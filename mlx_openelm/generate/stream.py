@@ -4,17 +4,91 @@ decoding, with OpenELM's tokenizer, context limit and multi-turn cache reuse."""
 from __future__ import annotations
 
 import time
-from typing import Any, Iterator, List, Optional, Sequence, Union
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator, List, Optional, Sequence, Union
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx_lm.generate import GenerationResponse, generate_step, speculative_generate_step
 from mlx_lm.models.cache import make_prompt_cache, trim_prompt_cache
 
 from ..tokenizer import Tokenizer
 from .sampling import SamplingConfig
 
 __all__ = ["GenerationResponse", "stream_generate", "generate", "find_draft", "prompt_lookup_generate_step"]
+
+
+@dataclass
+class GenerationResponse:
+    """One streamed step, with mlx-lm's ``GenerationResponse`` fields: ``text`` (the new text segment,
+    possibly empty), ``token``, ``logprobs`` (vector), ``from_draft``, ``prompt_tokens``, ``prompt_tps``,
+    ``generation_tokens``, ``generation_tps``, ``peak_memory`` (GB) and, on the last one,
+    ``finish_reason`` ("stop", "length" or "context")."""
+
+    text: str
+    token: Optional[int]
+    logprobs: Optional[mx.array]
+    from_draft: bool
+    prompt_tokens: int
+    prompt_tps: float
+    generation_tokens: int
+    generation_tps: float
+    peak_memory: float
+    finish_reason: Optional[str] = None
+
+
+def generate_step(
+    prompt: mx.array,
+    model: nn.Module,
+    *,
+    max_tokens: int = 256,
+    sampler: Optional[Callable[[mx.array], mx.array]] = None,
+    logits_processors: Optional[List[Callable[[mx.array, mx.array], mx.array]]] = None,
+    prompt_cache: Optional[List[Any]] = None,
+    prefill_step_size: int = 2048,
+) -> Iterator[tuple]:
+    """Yield ``(token, logprobs)`` for up to ``max_tokens`` tokens after ``prompt`` (1-D ids).
+
+    The same loop as mlx-lm's ``generate_step`` (which lives in a module that imports
+    transformers): all prompt tokens but the last are prefilled in chunks of
+    ``prefill_step_size``, then each step feeds one token, applies the logits processors to the
+    token history and samples from the log-probabilities; step n+1 is queued
+    (``mx.async_eval``) before token n is handed out."""
+    sampler = sampler or (lambda logprobs: mx.argmax(logprobs, axis=-1))
+    cache = prompt_cache if prompt_cache is not None else make_prompt_cache(model)
+    history = None  # the tokens fed so far, for the logits processors
+
+    def remember(tokens: mx.array) -> None:
+        nonlocal history
+        if logits_processors:
+            history = tokens if history is None else mx.concatenate([history, tokens])
+
+    while prompt.size > 1:
+        n = min(prefill_step_size, prompt.size - 1)
+        model(prompt[:n][None], cache=cache)
+        mx.eval([c.state for c in cache])
+        remember(prompt[:n])
+        prompt = prompt[n:]
+
+    def step(tokens: mx.array):
+        logits = model(tokens[None], cache=cache)[:, -1, :]
+        remember(tokens)
+        for processor in logits_processors or ():
+            logits = processor(history, logits)
+        logprobs = logits - mx.logsumexp(logits, keepdims=True)
+        return sampler(logprobs), logprobs.squeeze(0)
+
+    y, logprobs = step(prompt)
+    mx.async_eval(y, logprobs)
+    n = 0
+    while True:
+        if n != max_tokens:
+            next_y, next_logprobs = step(y)
+            mx.async_eval(next_y, next_logprobs)
+        if n == max_tokens:
+            break
+        yield y.item(), logprobs
+        y, logprobs = next_y, next_logprobs
+        n += 1
 
 
 def _context_length(model: nn.Module) -> int:
@@ -119,6 +193,10 @@ def stream_generate(
     sampling = sampling or SamplingConfig(**sampling_options)
     if max_tokens <= 0:
         raise ValueError(f"max_tokens={max_tokens} must be positive")
+    if prompt_lookup < 0:
+        raise ValueError(f"prompt_lookup={prompt_lookup} must be >= 0 (the number of tokens to draft; 0 turns it off)")
+    if num_draft_tokens < 1:
+        raise ValueError(f"num_draft_tokens={num_draft_tokens} must be >= 1")
     if draft_model is not None and prompt_lookup:
         raise ValueError("choose either a draft model or prompt lookup, not both")
     ids = tokenizer.encode(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
@@ -140,6 +218,8 @@ def stream_generate(
     prompt_arr = mx.array(ids, mx.uint32)
 
     if draft_model is not None:
+        from mlx_lm.generate import speculative_generate_step  # imports transformers: only when drafting
+
         if prompt_cache is not None:
             raise ValueError("speculative decoding does not continue a chat cache")
         if draft_model.args.vocab_size != model.args.vocab_size:

@@ -41,8 +41,10 @@ def read_config(folder: Path) -> Dict[str, Any]:
         raise FileNotFoundError(f"{folder} has no config.json; give an OpenELM model folder or hub id")
     try:
         config = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{path} is not valid JSON ({e})") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{path} holds a JSON {type(config).__name__}, not an object of config fields; give an OpenELM config.json")
     model_type = config.get("model_type")
     if model_type != "openelm":
         raise ValueError(f"{path} has model_type {model_type!r}; only OpenELM ('openelm') models are supported")

@@ -11,7 +11,7 @@ import re
 from pathlib import Path
 from typing import Optional, Sequence
 
-from ..utils import first_line
+from ..utils import first_line, sha256_file
 
 HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer.model"]
 BIN_PATTERNS = ["pytorch_model*.bin"]
@@ -70,3 +70,38 @@ def download_file(repo: str, filename: str, revision: Optional[str] = None, repo
     except Exception as e:
         raise hub_error(repo, e, revision) from e
 
+
+
+# ---------------------------------------------------------------- the Llama-2 tokenizer OpenELM uses
+
+LLAMA_TOKENIZER_REPO = "meta-llama/Llama-2-7b-hf"  # gated: licence + login
+# An ungated public copy of the same SentencePiece file (the one transformers' own docs use).
+LLAMA_TOKENIZER_FALLBACK = "hf-internal-testing/llama-tokenizer"
+# sha256 (= the Hub LFS pointer oid) and size of meta-llama/Llama-2-7b-hf's tokenizer.model.
+LLAMA_TOKENIZER_SHA256 = "9e556afd44213b6bd1be2b850ebbbd98f5481437a8021afaf58ee7fb1818d347"
+LLAMA_TOKENIZER_SIZE = 499723
+
+
+def llama_tokenizer() -> "tuple[Path, str]":
+    """``(path of tokenizer.model, repo it came from)``: the gated Llama-2 tokenizer OpenELM uses,
+    else the ungated copy in ``LLAMA_TOKENIZER_FALLBACK``, accepted only if its sha256 equals the
+    Llama-2 file's. Raises ``ValueError`` saying why neither could be used."""
+    try:
+        return download_file(LLAMA_TOKENIZER_REPO, "tokenizer.model"), LLAMA_TOKENIZER_REPO
+    except ValueError as e:
+        gated_reason = str(e)
+    try:
+        path = download_file(LLAMA_TOKENIZER_FALLBACK, "tokenizer.model")
+    except ValueError as e:
+        raise ValueError(
+            f"the Llama-2 tokenizer is not available: {gated_reason}; and its public copy {LLAMA_TOKENIZER_FALLBACK} "
+            f"neither: {e}"
+        ) from e
+    digest = sha256_file(path)
+    if digest != LLAMA_TOKENIZER_SHA256:
+        raise ValueError(
+            f"the Llama-2 tokenizer is not available ({gated_reason}), and {LLAMA_TOKENIZER_FALLBACK}'s tokenizer.model "
+            f"({path.stat().st_size} bytes, sha256 {digest[:12]}...) is not the Llama-2 file (sha256 "
+            f"{LLAMA_TOKENIZER_SHA256[:12]}..., {LLAMA_TOKENIZER_SIZE} bytes), so it was refused"
+        )
+    return path, LLAMA_TOKENIZER_FALLBACK

@@ -79,6 +79,7 @@ def load_model(folder: Path, dtype: Optional[str] = "auto", keep_quantized: bool
         "stored_quantization": stored_quant,
         "blas": _backend.BLAS,
     }
+    model.eval()  # inference mode (no adapter dropout); training switches to train mode itself
     object.__setattr__(model, "compute_info", info)  # plain attribute, not part of the module tree
     object.__setattr__(model, "folder", folder)
     return model
@@ -90,22 +91,36 @@ def _local_cache_name(folder: Path) -> str:
     return f"local--{folder.name}--{hashlib.sha1(chr(0).join(stamp).encode()).hexdigest()[:12]}"
 
 
+def _local_file_cache_name(path: Path) -> str:
+    path = path.resolve()
+    st = path.stat()
+    stamp = f"{path}:{st.st_size}:{st.st_mtime_ns}"
+    return f"corenet--{path.parent.name}--{path.stem}--{hashlib.sha1(stamp.encode()).hexdigest()[:12]}"
+
+
 def resolve_model_path(path_or_repo: Union[str, Path], revision: Optional[str] = None, *, tokenizer=None) -> Path:
-    """A ready-to-load MLX folder for a local folder or a Hugging Face repo id.
+    """A ready-to-load MLX folder for a local folder, a CoreNet ``.pt`` or a Hugging Face repo id.
 
     A folder (or hub snapshot, e.g. an mlx-community conversion) with OpenELM config,
     safetensors weights and a tokenizer is used as is. Otherwise (apple/OpenELM-* repos
     ship no tokenizer; some have only pytorch_model.bin) it is converted once, keeping its
     dtype, into ``cache_dir()/<owner>--<name>--<commit>`` and that folder is returned.
+    A CoreNet ``.pt`` (Apple's published OpenELM checkpoints) is converted once, keeping its
+    dtype, into ``cache_dir()/corenet--<folder>--<stem>--<hash>``.
     ``tokenizer`` is passed to the converter (path or hub repo of a tokenizer).
     """
     from .convert import convert
 
     text = str(path_or_repo)
     local = Path(text).expanduser()
+    if local.is_file() and local.suffix == ".pt":  # a CoreNet checkpoint (e.g. Apple's intermediate ones)
+        target = cache_dir() / _local_file_cache_name(local)
+        if is_ready(target):
+            return target
+        return convert(corenet=local, mlx_path=target, dtype=None, tokenizer=tokenizer, force=True)
     if local.exists():
         if not local.is_dir():
-            raise ValueError(f"{local} is a file; give a model folder or a hub id")
+            raise ValueError(f"{local} is a file; give a model folder, a CoreNet .pt checkpoint or a hub id")
         if is_ready(local):
             return local
         target = cache_dir() / _local_cache_name(local)
@@ -134,7 +149,9 @@ def load(
     tokenizer: Optional[str] = None,
 ):
     """``(model, tokenizer)`` for a local folder or hub id (see ``resolve_model_path``, ``load_model``);
-    ``adapter_path`` applies a LoRA/DoRA adapter folder."""
+    ``adapter_path`` applies a LoRA/DoRA adapter folder. ``tokenizer`` (a ``tokenizer.model``, a
+    folder with one, or a hub repo) is used when the model is converted and, for a folder that
+    ships its own, replaces it. The model is in eval mode (no dropout): training sets train mode."""
     from ..adapters import load_adapters
     from ..tokenizer import Tokenizer, load_chat_template
 
@@ -142,4 +159,16 @@ def load(
     model = load_model(folder, dtype=dtype, keep_quantized=keep_quantized)
     if adapter_path is not None:
         load_adapters(model, adapter_path)  # in place
-    return model, Tokenizer(folder, chat_template=load_chat_template(folder))
+    model.eval()
+    tok_source = folder
+    if tokenizer is not None:
+        from .convert import resolve_tokenizer
+
+        files = resolve_tokenizer(tokenizer, None)
+        model_files = [f for f in files if f.suffix == ".model"]
+        tok_source = model_files[0] if model_files else files[0].parent
+    tok = Tokenizer(tok_source, chat_template=load_chat_template(folder))
+    if tok.vocab_size > model.args.vocab_size:
+        raise ValueError(f"the tokenizer {tok_source} has {tok.vocab_size} tokens but the model only {model.args.vocab_size}; "
+                         "is tokenizer the right one?")
+    return model, tok

@@ -21,7 +21,6 @@ The open training record (LLM360-style) written into ``output_dir``::
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -39,7 +38,7 @@ import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten, tree_map, tree_map_with_path, tree_unflatten
 
-from ..utils import write_json, write_text
+from ..utils import sha256_file, write_json, write_text
 
 CHECKPOINTS_DIR = "checkpoints"
 METRICS_FILE = "metrics.jsonl"
@@ -273,14 +272,6 @@ def latest_checkpoint(output_dir) -> Optional[Path]:
     """The newest complete checkpoint folder, or None."""
     found = list_checkpoints(output_dir)
     return found[-1] if found else None
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _random_key() -> List[int]:
