@@ -171,8 +171,10 @@ def load_preferences(data: Union[str, Path], split: str = "train", limit: Option
 
 def training_text(tokenizer, pair: PreferencePair) -> Tuple[str, str, str]:
     """(prompt text, chosen text, rejected text) as alignment-handbook renders them."""
-    prompt = tokenizer.apply_chat_template(pair.prompt, add_generation_prompt=False)
-    answer = lambda text: tokenizer.apply_chat_template([{"role": "assistant", "content": text}], add_generation_prompt=False)
+    # pair.prompt already holds the (possibly empty) system turn; the answer is rendered alone.
+    render = lambda messages: tokenizer.apply_chat_template(messages, add_generation_prompt=False, add_empty_system=False)
+    prompt = render(pair.prompt)
+    answer = lambda text: render([{"role": "assistant", "content": text}])
     return prompt, answer(pair.chosen), answer(pair.rejected)
 
 
