@@ -551,38 +551,23 @@ def test_cli_bad_data_names_the_line(tmp_path, task_folder, capsys):
 # -- UltraFeedback through the Hub module (a fake offline cache) ---------------------------------
 
 
-@pytest.fixture
-def offline_hub(tmp_path, monkeypatch):
-    """HF_HUB_CACHE in a temporary folder and HF_HUB_OFFLINE=1 (constants patched: read at import)."""
-    from huggingface_hub import constants
-
-    cache = tmp_path / "hf" / "hub"
-    cache.mkdir(parents=True)
-    for name, value in (("HF_HOME", str(tmp_path / "hf")), ("HF_HUB_CACHE", str(cache)), ("HF_HUB_OFFLINE", "1")):
-        monkeypatch.setenv(name, value)
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
-    return cache
-
-
-def test_ultrafeedback_splits_from_the_hub_cache(offline_hub):
+def test_ultrafeedback_splits_from_the_hub_cache(offline_hub, tmp_path):
+    """The dataset's parquet splits read through ``io.hub`` from a fake offline HF cache (conftest)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
+    from conftest import fake_hub_cache
     from mlx_openelm.train.dpo_data import ULTRAFEEDBACK_REPO
 
     with pytest.raises(ValueError, match="not in the local Hugging Face cache"):
         load_preferences("ultrafeedback")
-    commit = "b" * 40
-    root = offline_hub / ("datasets--" + ULTRAFEEDBACK_REPO.replace("/", "--"))
-    (root / "refs").mkdir(parents=True)
-    (root / "refs" / "main").write_text(commit)
     rows = {"train": [UF_ROW, {**UF_ROW, "prompt": "Q2"}, UF_ROW], "test": [UF_ROW]}
+    files = {}
     for split, items in rows.items():
-        path = root / "snapshots" / commit / "data" / f"{split}-00000-of-00001.parquet"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        table = pa.Table.from_pylist([{**r, "chosen-rating": 5.0} for r in items])
-        pq.write_table(table, path)
+        path = tmp_path / f"{split}.parquet"
+        pq.write_table(pa.Table.from_pylist([{**r, "chosen-rating": 5.0} for r in items]), path)
+        files[f"data/{split}-00000-of-00001.parquet"] = path
+    fake_hub_cache(offline_hub, ULTRAFEEDBACK_REPO, files)
     train = load_preferences("ultrafeedback", "train")
     assert len(train) == 3 and len(load_preferences("ultrafeedback", "test")) == 1
     assert train[0] == to_pair(UF_ROW) and train[0].prompt[0] == {"role": "system", "content": ""}
