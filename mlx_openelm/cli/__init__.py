@@ -20,6 +20,7 @@ COMMANDS = {
     "generate": ("generate", "generate", "Generate text from a prompt, streaming it to stdout."),
     "chat": ("generate", "chat", "Chat with an -Instruct model (/reset, /exit; Ctrl-C stops an answer)."),
     "lora": ("train", "lora", "Fine-tune LoRA or DoRA adapters on instruction data (LLM-Adapters format)."),
+    "dpo": ("dpo", "dpo", "Preference-tune (DPO / hinge / IPO) as OpenELM-Instruct was made; LoRA, DoRA or full."),
     "fuse": ("train", "fuse", "Fold LoRA/DoRA adapters into the base weights: a standalone model."),
     "eval": ("evaluate", "eval_", "Zero-shot accuracy: the paper's lm-eval table, or the 8 commonsense tasks."),
     "bench": ("bench", "bench", "Prompt/decode speed, time to first token, peak memory; the RMSNorm study."),

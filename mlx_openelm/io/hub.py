@@ -45,13 +45,15 @@ def hub_error(repo: str, e: Exception, revision: Optional[str] = None) -> ValueE
     return ValueError(msg)
 
 
-def download(repo: str, revision: Optional[str] = None, patterns: Sequence[str] = tuple(HUB_PATTERNS)) -> Path:
+def download(repo: str, revision: Optional[str] = None, patterns: Sequence[str] = tuple(HUB_PATTERNS),
+             repo_type: Optional[str] = None) -> Path:
     """Snapshot of the files of ``repo`` that conversion needs (HF cache; honours HF_HUB_OFFLINE,
-    HF_TOKEN); ``pytorch_model*.bin`` only when the repo has no safetensors."""
+    HF_TOKEN); ``pytorch_model*.bin`` only when the repo has no safetensors. ``repo_type="dataset"``
+    with ``patterns`` fetches a dataset's files."""
     from huggingface_hub import snapshot_download
 
     try:
-        folder = Path(snapshot_download(repo, revision=revision, allow_patterns=list(patterns)))
+        folder = Path(snapshot_download(repo, revision=revision, allow_patterns=list(patterns), repo_type=repo_type))
         if not any(folder.glob("*.safetensors")) and patterns == tuple(HUB_PATTERNS):
             folder = Path(snapshot_download(repo, revision=revision, allow_patterns=HUB_PATTERNS + BIN_PATTERNS))
     except Exception as e:  # the hub library raises many kinds; all become one line
