@@ -17,6 +17,7 @@ far faster than ``mx.quantized_matmul`` there); otherwise the layer itself. Resu
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional
 
@@ -72,6 +73,17 @@ def describe() -> str:
         return f"MLX built-in (CPU fast path {_STATUS})"
     return (f"mlx_openelm CPU kernels for <= {MAX_ROWS} rows (float32, 4/8-bit; {_lib.num_threads()} threads), "
             "MLX/BLAS otherwise")
+
+
+@contextmanager
+def disabled():
+    """Within the block, products use plain MLX (for before/after comparisons in one process)."""
+    global _lib
+    saved, _lib = _lib, None
+    try:
+        yield
+    finally:
+        _lib = saved
 
 
 def set_threads(n: int) -> None:
