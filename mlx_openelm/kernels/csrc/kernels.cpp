@@ -25,6 +25,9 @@
 #include <vector>
 
 #include <pthread.h>
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#endif
 #include <sched.h>
 
 #include <nanobind/nanobind.h>
@@ -234,6 +237,58 @@ inline v16f bytes_to_float16(v16u8 b) {
   return __builtin_convertvector(__builtin_convertvector(b, v16i), v16f);
 }
 
+// The low and the high nibbles of 16 bytes at p as floats.
+inline void load_nibbles_as_float16(const uint8_t* p, v16f& lo_f, v16f& hi_f) {
+#if defined(__AVX512F__) || defined(__AVX2__)
+  __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  const __m128i mask = _mm_set1_epi8(15);
+  __m128i lo = _mm_and_si128(b, mask);
+  __m128i hi = _mm_and_si128(_mm_srli_epi16(b, 4), mask);
+#if defined(__AVX512F__)
+  __m512 a = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(lo));
+  __m512 c = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(hi));
+  std::memcpy(&lo_f, &a, 64);
+  std::memcpy(&hi_f, &c, 64);
+#else
+  __m256 a0 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo));
+  __m256 a1 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8)));
+  __m256 c0 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi));
+  __m256 c1 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8)));
+  std::memcpy(&lo_f, &a0, 32);
+  std::memcpy(reinterpret_cast<char*>(&lo_f) + 32, &a1, 32);
+  std::memcpy(&hi_f, &c0, 32);
+  std::memcpy(reinterpret_cast<char*>(&hi_f) + 32, &c1, 32);
+#endif
+#else
+  v16u8 b;
+  std::memcpy(&b, p, 16);
+  lo_f = bytes_to_float16(b & (uint8_t)15);
+  hi_f = bytes_to_float16(b >> 4);
+#endif
+}
+
+// 16 bytes at p as floats (GCC scalarizes the generic form for a plain load; use the ISA directly).
+inline v16f load_bytes_as_float16(const uint8_t* p) {
+#if defined(__AVX512F__)
+  __m512 f = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+  v16f v;
+  std::memcpy(&v, &f, sizeof(v));
+  return v;
+#elif defined(__AVX2__)
+  __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  __m256 lo = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(b));
+  __m256 hi = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(b, 8)));
+  v16f v;
+  std::memcpy(&v, &lo, 32);
+  std::memcpy(reinterpret_cast<char*>(&v) + 32, &hi, 32);
+  return v;
+#else
+  v16u8 b;
+  std::memcpy(&b, p, 16);
+  return bytes_to_float16(b);
+#endif
+}
+
 // out[m, n] = sum_k x[m, k] w[n, k] for n in [n0, n1); x is M x K, out is M x N (row stride ldo).
 template <int M, int R>
 void gemv_block(const float* x, const float* w, float* out, int64_t K, int64_t ldo, int64_t n0, int64_t n1) {
@@ -314,16 +369,10 @@ void qgemv_block(const float* xp, const float* xs, const uint8_t* w, const float
       for (int j = 0; j < gs; j += 32) {
         v16f q0, q1;
         if constexpr (BITS == 4) {
-          v16u8 b;
-          std::memcpy(&b, wg + j / 2, 16);
-          q0 = bytes_to_float16(b & (uint8_t)15);
-          q1 = bytes_to_float16(b >> 4);
+          load_nibbles_as_float16(wg + j / 2, q0, q1);
         } else {
-          v16u8 b0, b1;
-          std::memcpy(&b0, wg + j, 16);
-          std::memcpy(&b1, wg + j + 16, 16);
-          q0 = bytes_to_float16(b0);
-          q1 = bytes_to_float16(b1);
+          q0 = load_bytes_as_float16(wg + j);
+          q1 = load_bytes_as_float16(wg + j + 16);
         }
         for (int m = 0; m < M; ++m) {
           const float* xm = xp + m * K + k0 + j;
