@@ -79,6 +79,17 @@ def test_qgemv_matches_the_packed_layout_and_quantized_matmul(bits, group_size, 
 
 
 @needs_ext
+@pytest.mark.parametrize("bits,group_size", [(4, 64), (8, 32), (4, 128)])
+def test_dequantize_matches_the_packed_layout(bits, group_size):
+    wq, scales, biases = mx.quantize(mx.random.normal((72, 256), key=mx.random.key(bits + group_size)), group_size, bits)
+    ours = kernels.dequantize(wq, scales, biases, group_size, bits)
+    assert ours.shape == (72, 256) and ours.dtype == mx.float32
+    ref = unpack_affine(wq, scales, biases, group_size, bits)
+    assert rel_err(ours, ref) < 1e-6
+    assert rel_err(ours, f64(mx.dequantize(wq, scales, biases, group_size, bits))) < 1e-6
+
+
+@needs_ext
 def test_threads_do_not_change_results():
     x = mx.random.normal((3, 1280), key=mx.random.key(1))
     w = mx.random.normal((4096, 1280), key=mx.random.key(2))  # 21 MB: split among threads

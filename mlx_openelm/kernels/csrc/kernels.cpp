@@ -547,6 +547,62 @@ class QGemv : public mx::UnaryPrimitive {
   int gs_, bits_;
 };
 
+// w = scale * q + bias as float32 [N, K] (for many-row products: then BLAS).
+class Dequant : public mx::UnaryPrimitive {
+ public:
+  Dequant(mx::Stream s, int group_size, int bits) : mx::UnaryPrimitive(s), gs_(group_size), bits_(bits) {}
+
+  void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override {
+    const mx::array& w = inputs[0];
+    const mx::array& sc = inputs[1];
+    const mx::array& bi = inputs[2];
+    out.set_data(mx::allocator::malloc(out.nbytes()));
+    auto& enc = mx::cpu::get_command_encoder(stream());
+    enc.set_input_array(w);
+    enc.set_input_array(sc);
+    enc.set_input_array(bi);
+    enc.set_output_array(out);
+    const int64_t N = w.shape(0), K = w.shape(1) * 32 / bits_;
+    enc.dispatch([wp = w.data<uint8_t>(), sp = sc.data<float>(), bp = bi.data<float>(), op = out.data<float>(), N, K,
+                  gs = gs_, bits = bits_]() {
+      const int64_t G = K / gs;
+      parallel_rows(N, N * K * 4, [&](int64_t a, int64_t b) {
+        for (int64_t n = a; n < b; ++n) {
+          const uint8_t* wr = wp + n * K * bits / 8;
+          float* o = op + n * K;
+          for (int64_t g = 0; g < G; ++g) {
+            const float s = sp[n * G + g], c = bp[n * G + g];
+            const int64_t k0 = g * gs;
+            if (bits == 4) {
+              for (int j = 0; j < gs / 2; ++j) {
+                uint8_t v = wr[k0 / 2 + j];
+                o[k0 + 2 * j] = s * (float)(v & 15) + c;
+                o[k0 + 2 * j + 1] = s * (float)(v >> 4) + c;
+              }
+            } else {
+              for (int j = 0; j < gs; ++j) o[k0 + j] = s * (float)wr[k0 + j] + c;
+            }
+          }
+        }
+      });
+    });
+  }
+  void eval_gpu(const std::vector<mx::array>&, mx::array&) override {
+    throw std::runtime_error("mlx_openelm.kernels.dequantize runs on the CPU only");
+  }
+  const char* name() const override { return "OpenELMDequantize"; }
+  bool is_equivalent(const mx::Primitive& other) const override {
+    const auto& o = static_cast<const Dequant&>(other);
+    return gs_ == o.gs_ && bits_ == o.bits_;
+  }
+  std::vector<mx::Shape> output_shapes(const std::vector<mx::array>& inputs) override {
+    return {{inputs[0].shape(0), (int)((int64_t)inputs[0].shape(1) * 32 / bits_)}};
+  }
+
+ private:
+  int gs_, bits_;
+};
+
 mx::Stream cpu_stream(mx::StreamOrDevice s) {
   mx::Stream st = mx::to_stream(s);
   if (st.device != mx::Device::cpu) throw std::invalid_argument("the mlx_openelm kernels run on the CPU device only");
@@ -585,6 +641,22 @@ mx::array qgemv(const mx::array& x, const mx::array& w, const mx::array& scales,
                    {c(x), c(w), c(scales), c(biases)});
 }
 
+mx::array dequantize(const mx::array& w, const mx::array& scales, const mx::array& biases, int group_size, int bits,
+                     mx::StreamOrDevice s) {
+  auto st = cpu_stream(s);
+  if (bits != 4 && bits != 8) throw std::invalid_argument("dequantize: bits must be 4 or 8");
+  if (group_size % 32 != 0 || group_size <= 0) throw std::invalid_argument("dequantize: group_size must be a multiple of 32");
+  if (scales.dtype() != mx::float32 || biases.dtype() != mx::float32 || w.dtype() != mx::uint32)
+    throw std::invalid_argument("dequantize: scales and biases must be float32 and w uint32");
+  int64_t K = (int64_t)w.shape(1) * 32 / bits;
+  if (w.ndim() != 2 || K % group_size != 0 || scales.ndim() != 2 || scales.shape(0) != w.shape(0) ||
+      scales.shape(1) != K / group_size || biases.shape() != scales.shape())
+    throw std::invalid_argument("dequantize: shapes of w, scales and biases do not match");
+  auto c = [&](const mx::array& a) { return mx::contiguous(a, false, st); };
+  return mx::array({w.shape(0), (int)K}, mx::float32, std::make_shared<Dequant>(st, group_size, bits),
+                   {c(w), c(scales), c(biases)});
+}
+
 }  // namespace
 
 NB_MODULE(_ext, m) {
@@ -594,6 +666,8 @@ NB_MODULE(_ext, m) {
         "x[..., K] @ w[N, K].T in float32 on the CPU");
   m.def("qgemv", &qgemv, "x"_a, "w"_a, "scales"_a, "biases"_a, "group_size"_a, "bits"_a, nb::kw_only(),
         "stream"_a = nb::none(), "x[..., K] @ dequantize(w, scales, biases).T (MLX affine layout) on the CPU");
+  m.def("dequantize", &dequantize, "w"_a, "scales"_a, "biases"_a, "group_size"_a, "bits"_a, nb::kw_only(),
+        "stream"_a = nb::none(), "float32 scale * q + bias of MLX's affine layout, on the CPU");
   m.def("set_threads", &set_threads, "n"_a, "Threads for the next products (0: one per available core)");
   m.def("num_threads", &num_threads);
 }
