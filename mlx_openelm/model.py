@@ -12,6 +12,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.models.cache import KVCache
 
+from . import kernels
 from .config import ModelArgs
 
 
@@ -51,7 +52,7 @@ class Attention(nn.Module):
 
     def __call__(self, x: mx.array, mask: Union[None, str, mx.array] = None, cache: Optional[Any] = None) -> mx.array:
         B, L, _ = x.shape
-        qkv = self.qkv_proj(x).reshape(B, L, -1, self.head_dim).transpose(0, 2, 1, 3)
+        qkv = kernels.linear(self.qkv_proj, x).reshape(B, L, -1, self.head_dim).transpose(0, 2, 1, 3)
         queries, keys, values = mx.split(qkv, [self.n_heads, self.n_heads + self.n_kv_heads], axis=1)
         if self.normalize_qk:
             queries, keys = self.q_norm(queries), self.k_norm(keys)
@@ -65,7 +66,7 @@ class Attention(nn.Module):
 
         # GQA: query head h reads kv head h // (n_heads / n_kv_heads), as CoreNet's repeat_interleave.
         out = mx.fast.scaled_dot_product_attention(queries, keys, values, scale=self.scale, mask=mask)
-        return self.out_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
+        return kernels.linear(self.out_proj, out.transpose(0, 2, 1, 3).reshape(B, L, -1))
 
 
 class FeedForward(nn.Module):
@@ -78,8 +79,8 @@ class FeedForward(nn.Module):
         self.proj_2 = nn.Linear(hidden, args.model_dim, bias=False)
 
     def __call__(self, x: mx.array) -> mx.array:
-        gate, up = mx.split(self.proj_1(x), 2, axis=-1)
-        return self.proj_2(nn.silu(gate) * up)
+        gate, up = mx.split(kernels.linear(self.proj_1, x), 2, axis=-1)
+        return kernels.linear(self.proj_2, nn.silu(gate) * up)
 
 
 class TransformerBlock(nn.Module):
@@ -126,8 +127,8 @@ class Model(nn.Module):
     def __call__(self, inputs: mx.array, cache: Optional[List[Any]] = None, mask=None) -> mx.array:
         h = self.transformer(inputs, cache, mask)
         if self.args.share_input_output_layers:
-            return self.transformer.token_embeddings.as_linear(h)
-        return self.lm_head(h)
+            return kernels.as_linear(self.transformer.token_embeddings, h)
+        return kernels.linear(self.lm_head, h)
 
     @property
     def layers(self):

@@ -7,7 +7,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Union
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -104,15 +104,32 @@ class ComputePlan:
     device: str
 
 
-def compute_plan(requested: Optional[str], stored_quantized: bool, keep_quantized: bool = False, cpu: Optional[bool] = None) -> ComputePlan:
+def cpu_runs_quantized(quantization: Union[bool, Dict[str, Any], None]) -> bool:
+    """Whether a model quantized like ``quantization`` (``quantization_of``'s dict, or True when
+    unknown) runs faster kept quantized on the CPU: true where ``kernels`` loaded and the layers are
+    4/8-bit affine (its packed products; dequantize-then-BLAS for prompts)."""
+    from . import kernels
+
+    if not quantization or not kernels.available():
+        return False
+    if isinstance(quantization, dict):
+        return quantization.get("mode", "affine") == "affine" and quantization.get("bits") in kernels.QUANT_BITS
+    return True
+
+
+def compute_plan(requested: Optional[str], stored_quantized: Union[bool, Dict[str, Any], None], keep_quantized: bool = False,
+                 cpu: Optional[bool] = None) -> ComputePlan:
     """THE compute-dtype policy.
 
-    ``requested="auto"``: on the CPU compute in float32 (float16/bfloat16 upcast; quantized layers
-    dequantized unless ``keep_quantized``), because MLX's CPU float16 and quantized matmuls are
-    many times slower than float32 BLAS; on a GPU keep the stored dtype and quantization.
-    A named dtype casts every float parameter and keeps quantization unless on the CPU without
-    ``keep_quantized``. ``requested=None`` keeps the stored format on any device (for rewriting
-    a model, e.g. fuse).
+    ``requested="auto"``: on the CPU compute in float32 (float16/bfloat16 upcast), because MLX's CPU
+    float16 matmuls are many times slower than float32 BLAS; a 4/8-bit model stays quantized
+    where the CPU kernels (``kernels``) are built (less memory and faster decoding; scales and
+    biases become float32) and is dequantized otherwise, since MLX's own CPU quantized matmul is
+    slower than float32 BLAS; ``keep_quantized`` keeps any quantization. On a GPU keep the stored
+    dtype and quantization. A named dtype casts every float parameter and keeps quantization unless
+    on the CPU without ``keep_quantized`` (nor kernels for it). ``requested=None`` keeps the stored
+    format on any device (for rewriting a model, e.g. fuse). ``stored_quantized``: the stored
+    model's ``quantization_of`` (or a bool).
     """
     check_dtype(requested)
     cpu = device_is_cpu() if cpu is None else cpu
@@ -120,7 +137,8 @@ def compute_plan(requested: Optional[str], stored_quantized: bool, keep_quantize
     if requested is None:
         return ComputePlan(None, False, device)
     target = "float32" if (requested == "auto" and cpu) else (None if requested == "auto" else requested)
-    return ComputePlan(target, bool(stored_quantized and cpu and not keep_quantized), device)
+    keep = keep_quantized or cpu_runs_quantized(stored_quantized)
+    return ComputePlan(target, bool(stored_quantized and cpu and not keep), device)
 
 
 def apply_plan(model: nn.Module, plan: ComputePlan) -> nn.Module:

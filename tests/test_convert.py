@@ -21,6 +21,7 @@ from mlx_openelm.io.convert import convert
 from mlx_openelm.io.load import load_model
 from mlx_openelm.model import Model, init_weights
 from mlx_openelm.tokenizer import CHAT_TEMPLATE
+from mlx_openelm.weights import cpu_runs_quantized
 
 REPO = Path(__file__).resolve().parents[1]
 def run_convert(*argv, env=None, cwd=None):
@@ -189,9 +190,13 @@ def test_quantized_outputs_load_and_stay_close(hf_checkpoint, sp_model_path, tmp
     assert config["quantization"] == {"group_size": group_size, "bits": bits, "mode": "affine"}
     ref, fake = logits(model), logits(_fake_quantized(model, group_size, bits))
 
-    cpu = load_model(out)  # auto on CPU: dequantized, float32
-    assert cpu.compute_info["quantized"] is None and cpu.compute_info["stored_quantization"]["bits"] == bits
-    assert not any(isinstance(m, nn.QuantizedLinear) for _, m in cpu.named_modules())
+    cpu = load_model(out)  # auto on CPU: float32; kept quantized where the CPU kernels run it, else dequantized
+    assert cpu.compute_info["stored_quantization"]["bits"] == bits
+    if cpu_runs_quantized(config["quantization"]):
+        assert cpu.compute_info["quantized"]["bits"] == bits and cpu.compute_info["dtype"] == "float32"
+    else:
+        assert cpu.compute_info["quantized"] is None
+        assert not any(isinstance(m, nn.QuantizedLinear) for _, m in cpu.named_modules())
     assert max_diff(logits(cpu), fake) < 1e-4
     # Random tiny weights are a worst case: measured max|diff|/max|logit| = 0.38-0.55 (4-bit, g64)
     # and 0.021-0.026 (8-bit, g32) over seeds 0-2; the bounds leave some margin.

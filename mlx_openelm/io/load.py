@@ -10,6 +10,7 @@ from typing import Dict, Optional, Union
 import mlx.core as mx
 import mlx.nn as nn
 
+from .. import kernels
 from ..config import ModelArgs
 from ..model import Model
 from ..utils import first_line
@@ -68,7 +69,7 @@ def load_model(folder: Path, dtype: Optional[str] = "auto", keep_quantized: bool
     stored_quant = quantization_of(model)
     stored_dtype = float_dtype_of(model)
 
-    plan = compute_plan(dtype, stored_quant is not None, keep_quantized)
+    plan = compute_plan(dtype, stored_quant, keep_quantized)
     apply_plan(model, plan)
     quant_now = quantization_of(model)
     info = {
@@ -78,6 +79,7 @@ def load_model(folder: Path, dtype: Optional[str] = "auto", keep_quantized: bool
         "quantized": quant_now,
         "stored_quantization": stored_quant,
         "blas": _backend.BLAS,
+        "kernels": kernels.describe(),
     }
     model.eval()  # inference mode (no adapter dropout); training switches to train mode itself
     object.__setattr__(model, "compute_info", info)  # plain attribute, not part of the module tree

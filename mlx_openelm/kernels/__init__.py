@@ -1,0 +1,172 @@
+"""The CPU fast path for decode-shaped products (few rows of activations times a weight matrix).
+
+On a Linux CPU, MLX's own products lose most of the memory bandwidth at decode shapes: float32
+``x @ W.T`` with 1-8 rows goes through ``cblas_sgemm`` (OpenBLAS packs the whole weight first) and
+``mx.quantized_matmul`` runs at ~2.5 GFLOP/s. ``_ext`` (built from ``csrc/`` by ``pip install -e .``
+on Linux, see ``_build.py``) adds two MLX primitives with ``eval_cpu``: ``gemv`` (float32) and
+``qgemv`` (4/8-bit affine, reading MLX's packed ``weight``/``scales``/``biases`` directly), streamed
+by a small thread pool. Where it is not built (macOS, no compiler, another mlx version) or the
+default device is a GPU, everything falls back to plain MLX.
+
+``linear(layer, x)`` is the one dispatch point the model uses: the extension for <= ``MAX_ROWS``
+rows on the CPU; for more rows of a quantized layer on the CPU, dequantize-then-BLAS (plain MLX,
+far faster than ``mx.quantized_matmul`` there); otherwise the layer itself. Results agree with
+``mx.matmul`` / ``mx.quantized_matmul`` up to float32 summation order.
+"""
+
+from __future__ import annotations
+
+import os
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Optional
+
+import mlx.core as mx
+import mlx.nn as nn
+
+MAX_ROWS = 8  # up to this many rows of activations the extension streams each weight once
+QUANT_BITS = (4, 8)
+
+_lib = None
+_STATUS = "not loaded"
+
+
+def _load() -> None:
+    global _lib, _STATUS
+    _lib = None
+    if os.environ.get("MLX_OPENELM_KERNELS", "1").lower() in ("0", "false", "no", "off"):
+        _STATUS = "off (MLX_OPENELM_KERNELS=0)"
+        return
+    try:
+        from . import _ext as ext
+    except ImportError as e:
+        here = Path(__file__).resolve().parent
+        built = any(here.glob("_ext*.so"))
+        _STATUS = f"not available ({'failed to load: ' + str(e) if built else 'not built'})"
+        return
+    if ext.mlx_version != mx.__version__:
+        _STATUS = (f"not used (built against mlx {ext.mlx_version}, running {mx.__version__}; "
+                   "rebuild: pip install -e . --no-build-isolation)")
+        return
+    _lib = ext
+    _STATUS = "available"
+
+
+_load()
+
+
+def available() -> bool:
+    """Whether the compiled extension loaded (whatever the current device)."""
+    return _lib is not None
+
+
+def active() -> bool:
+    """Whether products go through the extension now (it loaded and the default device is the CPU)."""
+    return _lib is not None and mx.default_device().type == mx.DeviceType.cpu
+
+
+def describe() -> str:
+    """One line for ``--verbose``: which product kernels run."""
+    if mx.default_device().type != mx.DeviceType.cpu:
+        return "MLX (GPU)"
+    if _lib is None:
+        return f"MLX built-in (CPU fast path {_STATUS})"
+    return (f"mlx_openelm CPU kernels for <= {MAX_ROWS} rows (float32, 4/8-bit; {_lib.num_threads()} threads), "
+            "MLX/BLAS otherwise")
+
+
+@contextmanager
+def disabled():
+    """Within the block, products use plain MLX (for before/after comparisons in one process)."""
+    global _lib
+    saved, _lib = _lib, None
+    try:
+        yield
+    finally:
+        _lib = saved
+
+
+def set_threads(n: int) -> None:
+    """Threads the extension uses from the next product on (0: one per available core)."""
+    if n < 0:
+        raise ValueError(f"n={n} must be >= 0")
+    if _lib is not None:
+        _lib.set_threads(int(n))
+
+
+def build_in_place() -> Path:
+    """Build the extension next to this file against the running interpreter's mlx (needs cmake,
+    a C++ compiler and nanobind); takes effect in a new process."""
+    from . import _build
+
+    return _build.build(Path(__file__).resolve().parent)
+
+
+def gemv(x: mx.array, w: mx.array) -> mx.array:
+    """``x[..., K] @ w[N, K].T`` (float32) with the extension."""
+    if _lib is None:
+        raise RuntimeError(f"the CPU kernels are {_STATUS}")
+    return _lib.gemv(x, w)
+
+
+def qgemv(x: mx.array, w: mx.array, scales: mx.array, biases: mx.array, group_size: int, bits: int) -> mx.array:
+    """``x @ dequantize(w, scales, biases).T`` (MLX affine layout, float32 x/scales/biases) with the extension."""
+    if _lib is None:
+        raise RuntimeError(f"the CPU kernels are {_STATUS}")
+    return _lib.qgemv(x, w, scales, biases, group_size, bits)
+
+
+def dequantize(w: mx.array, scales: mx.array, biases: mx.array, group_size: int, bits: int) -> mx.array:
+    """``mx.dequantize`` (affine, 4/8-bit, float32 scales/biases) with the extension: float32 ``[N, K]``."""
+    if _lib is None:
+        raise RuntimeError(f"the CPU kernels are {_STATUS}")
+    return _lib.dequantize(w, scales, biases, group_size, bits)
+
+
+def _rows(x: mx.array) -> int:
+    return x.size // x.shape[-1] if x.ndim else 0
+
+
+def _quant_ok(m) -> bool:
+    return (m.mode == "affine" and m.bits in QUANT_BITS and m.group_size % 32 == 0 and m.get("biases") is not None
+            and m.scales.dtype == mx.float32 and m.biases.dtype == mx.float32)
+
+
+def product(m: nn.Module, x: mx.array) -> Optional[mx.array]:
+    """``x @ W.T`` for a Linear/QuantizedLinear (without bias) or an embedding used as the output
+    layer, by the fastest CPU route; None where the module's own code should run (GPU, bias,
+    adapters, other dtypes)."""
+    if mx.default_device().type != mx.DeviceType.cpu or x.dtype != mx.float32 or "bias" in m:
+        return None
+    t = type(m)
+    small = _rows(x) <= MAX_ROWS
+    if t in (nn.Linear, nn.Embedding):
+        if small and _lib is not None and m.weight.dtype == mx.float32:
+            return _lib.gemv(x, m.weight)
+        return None
+    if t in (nn.QuantizedLinear, nn.QuantizedEmbedding):
+        if small:
+            if _lib is not None and _quant_ok(m):
+                return _lib.qgemv(x, m.weight, m.scales, m.biases, m.group_size, m.bits)
+            return None
+        if m.mode == "affine" and m.scales.dtype == mx.float32:
+            # many rows: one float32 copy of the weight, then BLAS (mx.quantized_matmul is ~2.5 GFLOP/s here,
+            # and mx.dequantize on the CPU ~15 M values/s: the extension's is memory-bound)
+            if _lib is not None and _quant_ok(m):
+                w = _lib.dequantize(m.weight, m.scales, m.biases, m.group_size, m.bits)
+            else:
+                w = mx.dequantize(m.weight, m.scales, m.get("biases"), m.group_size, m.bits, mode=m.mode)
+            return x @ w.T
+    return None
+
+
+def linear(m: nn.Module, x: mx.array) -> mx.array:
+    """``m(x)`` for a linear layer, by the fastest route on the current device."""
+    y = product(m, x)
+    return m(x) if y is None else y
+
+
+def as_linear(m: nn.Module, x: mx.array) -> mx.array:
+    """``m.as_linear(x)`` for an (optionally quantized) embedding used as the output layer."""
+    y = product(m, x)
+    return m.as_linear(x) if y is None else y

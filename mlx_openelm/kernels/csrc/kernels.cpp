@@ -1,0 +1,673 @@
+// mlx-openelm CPU fast path: decode-shaped (few-row) matrix products as MLX primitives.
+//
+//   gemv(x, w)                        x[..., K] @ w[N, K]^T                  (float32)
+//   qgemv(x, w, scales, biases, g, b) x[..., K] @ dequantize(w)^T            (float32 x, scales, biases;
+//                                     MLX's affine layout: b in {4, 8} bits packed little-end first
+//                                     into uint32 words along K, one scale and bias per g values)
+//
+// Each weight row is read once per 8 rows of x, streamed by a small persistent thread pool; the
+// caller (MLX's CPU stream thread) does the first share itself. Arithmetic is plain float32
+// (no low-precision dot products), so results agree with mx.matmul / mx.quantized_matmul up to
+// summation order.
+
+#include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <condition_variable>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <functional>
+#include <mutex>
+#include <sstream>
+#include <stdexcept>
+#include <thread>
+#include <vector>
+
+#include <pthread.h>
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#endif
+#include <sched.h>
+
+#include <nanobind/nanobind.h>
+#include <nanobind/stl/optional.h>
+#include <nanobind/stl/string.h>
+#include <nanobind/stl/variant.h>
+
+#include "mlx/backend/cpu/encoder.h"
+#include "mlx/mlx.h"
+#include "mlx/primitives.h"
+
+namespace nb = nanobind;
+using namespace nb::literals;
+namespace mx = mlx::core;
+
+namespace {
+
+// ------------------------------------------------------------------ thread pool
+
+// Work is cut into chunks claimed dynamically (one atomic word: generation | chunk count | next
+// chunk), so a thread that the OS does not schedule (a busy shared machine) delays nobody: the
+// others take its chunks. The caller (MLX's CPU stream thread) works too.
+class Pool {
+ public:
+  explicit Pool(int n) : n_(std::max(1, n)) {
+    for (int i = 1; i < n_; ++i) workers_.emplace_back([this] { loop(); });
+  }
+  ~Pool() {
+    {
+      std::lock_guard<std::mutex> lk(mu_);
+      stop_ = true;
+      wake_.fetch_add(1);
+    }
+    cv_.notify_all();
+    for (auto& t : workers_) t.join();
+  }
+  int size() const { return n_; }
+
+  // Run f(c) for every chunk c in [0, nchunks), on the caller and the workers.
+  void run(int64_t nchunks, const std::function<void(int64_t)>& f) {
+    if (n_ == 1 || nchunks <= 1) {
+      for (int64_t c = 0; c < nchunks; ++c) f(c);
+      return;
+    }
+    nchunks = std::min<int64_t>(nchunks, 0xffff);
+    std::lock_guard<std::mutex> run_lock(run_mu_);  // one job at a time (several MLX streams)
+    job_ = &f;
+    done_.store(0, std::memory_order_relaxed);
+    uint64_t gen = (++gen_) & 0xffffffffu;
+    state_.store((gen << 32) | ((uint64_t)nchunks << 16), std::memory_order_release);
+    {
+      std::lock_guard<std::mutex> lk(mu_);
+      wake_.fetch_add(1, std::memory_order_release);
+    }
+    cv_.notify_all();
+    work(gen);
+    int spins = 0;
+    while (done_.load(std::memory_order_acquire) != nchunks) {
+      pause();
+      if (++spins % 64 == 0) sched_yield();  // a claimed chunk's thread may be off-core
+    }
+  }
+
+ private:
+  static inline void pause() {
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#elif defined(__aarch64__)
+    asm volatile("yield");
+#endif
+  }
+
+  void work(uint64_t gen) {
+    for (;;) {
+      uint64_t s = state_.load(std::memory_order_acquire);
+      if ((s >> 32) != gen) return;
+      uint64_t total = (s >> 16) & 0xffff, next = s & 0xffff;
+      if (next >= total) return;
+      if (!state_.compare_exchange_weak(s, s + 1, std::memory_order_acq_rel)) continue;
+      (*job_)((int64_t)next);  // valid: the caller waits for this chunk before the next job
+      done_.fetch_add(1, std::memory_order_acq_rel);
+    }
+  }
+
+  void loop() {
+    uint64_t seen = 0;
+    for (;;) {
+      // Spin briefly (a decode step's products follow each other within microseconds), then sleep.
+      auto t0 = std::chrono::steady_clock::now();
+      int spins = 0;
+      while (wake_.load(std::memory_order_acquire) == seen) {
+        pause();
+        if (++spins % 256 == 0 && std::chrono::steady_clock::now() - t0 > std::chrono::microseconds(100)) {
+          std::unique_lock<std::mutex> lk(mu_);
+          cv_.wait(lk, [&] { return wake_.load(std::memory_order_acquire) != seen; });
+          break;
+        }
+      }
+      seen = wake_.load(std::memory_order_acquire);
+      {
+        std::lock_guard<std::mutex> lk(mu_);
+        if (stop_) return;
+      }
+      work(state_.load(std::memory_order_acquire) >> 32);
+    }
+  }
+
+  int n_;
+  std::vector<std::thread> workers_;
+  std::mutex mu_, run_mu_;
+  std::condition_variable cv_;
+  std::atomic<uint64_t> wake_{0}, state_{0};
+  std::atomic<int64_t> done_{0};
+  uint64_t gen_ = 0;
+  const std::function<void(int64_t)>* job_ = nullptr;
+  bool stop_ = false;
+};
+
+int default_threads() {
+  if (const char* s = std::getenv("MLX_OPENELM_THREADS")) {
+    int n = std::atoi(s);
+    if (n > 0) return n;
+  }
+  cpu_set_t set;
+  if (sched_getaffinity(0, sizeof(set), &set) == 0) return std::max(1, CPU_COUNT(&set));
+  return std::max(1u, std::thread::hardware_concurrency());
+}
+
+Pool* g_pool = nullptr;
+std::mutex g_pool_mu;
+int g_threads = 0;  // 0: default
+
+Pool& pool() {
+  std::lock_guard<std::mutex> lk(g_pool_mu);
+  if (g_pool == nullptr) {
+    static bool registered = false;
+    if (!registered) {
+      // A forked child has none of the parent's threads: forget (leak) the pool there.
+      pthread_atfork(nullptr, nullptr, [] { g_pool = nullptr; });
+      registered = true;
+    }
+    g_pool = new Pool(g_threads > 0 ? g_threads : default_threads());
+  }
+  return *g_pool;
+}
+
+void set_threads(int n) {
+  std::lock_guard<std::mutex> lk(g_pool_mu);
+  g_threads = n;
+  delete g_pool;  // the next product starts a pool of the new size
+  g_pool = nullptr;
+}
+
+int num_threads() { return pool().size(); }
+
+// Split [0, n) rows into chunks of at least 256 KiB of weights (a few per thread); small products
+// run on the calling thread only.
+template <typename F>
+void parallel_rows(int64_t n, int64_t bytes, F&& f) {
+  constexpr int64_t kMinChunkBytes = 1 << 18;
+  Pool& p = pool();
+  int64_t nchunks = std::min<int64_t>(4 * p.size(), std::max<int64_t>(1, bytes / kMinChunkBytes));
+  int64_t chunk = (n + nchunks - 1) / nchunks;
+  chunk = (chunk + 3) / 4 * 4;
+  nchunks = (n + chunk - 1) / chunk;
+  std::function<void(int64_t)> job = [&](int64_t c) {
+    int64_t a = c * chunk, b = std::min<int64_t>(n, a + chunk);
+    if (a < b) f(a, b);
+  };
+  p.run(nchunks, job);
+}
+
+// ------------------------------------------------------------------ float32 kernels
+
+typedef float v8f __attribute__((vector_size(32)));
+typedef uint8_t v8u8 __attribute__((vector_size(8)));
+typedef int32_t v8i __attribute__((vector_size(32)));
+
+inline v8f load8(const float* p) {
+  v8f v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+inline float hsum(v8f v) {
+  return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7]));
+}
+
+typedef float v16f __attribute__((vector_size(64)));
+typedef uint8_t v16u8 __attribute__((vector_size(16)));
+typedef int32_t v16i __attribute__((vector_size(64)));
+
+inline v16f load16(const float* p) {
+  v16f v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+inline float hsum16(v16f v) {
+  v8f lo, hi;
+  std::memcpy(&lo, &v, sizeof(lo));
+  std::memcpy(&hi, reinterpret_cast<const char*>(&v) + sizeof(lo), sizeof(hi));
+  return hsum(lo + hi);
+}
+
+inline v16f bytes_to_float16(v16u8 b) {
+  return __builtin_convertvector(__builtin_convertvector(b, v16i), v16f);
+}
+
+// The low and the high nibbles of 16 bytes at p as floats.
+inline void load_nibbles_as_float16(const uint8_t* p, v16f& lo_f, v16f& hi_f) {
+#if defined(__AVX512F__) || defined(__AVX2__)
+  __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  const __m128i mask = _mm_set1_epi8(15);
+  __m128i lo = _mm_and_si128(b, mask);
+  __m128i hi = _mm_and_si128(_mm_srli_epi16(b, 4), mask);
+#if defined(__AVX512F__)
+  __m512 a = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(lo));
+  __m512 c = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(hi));
+  std::memcpy(&lo_f, &a, 64);
+  std::memcpy(&hi_f, &c, 64);
+#else
+  __m256 a0 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo));
+  __m256 a1 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8)));
+  __m256 c0 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi));
+  __m256 c1 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8)));
+  std::memcpy(&lo_f, &a0, 32);
+  std::memcpy(reinterpret_cast<char*>(&lo_f) + 32, &a1, 32);
+  std::memcpy(&hi_f, &c0, 32);
+  std::memcpy(reinterpret_cast<char*>(&hi_f) + 32, &c1, 32);
+#endif
+#else
+  v16u8 b;
+  std::memcpy(&b, p, 16);
+  lo_f = bytes_to_float16(b & (uint8_t)15);
+  hi_f = bytes_to_float16(b >> 4);
+#endif
+}
+
+// 16 bytes at p as floats (GCC scalarizes the generic form for a plain load; use the ISA directly).
+inline v16f load_bytes_as_float16(const uint8_t* p) {
+#if defined(__AVX512F__)
+  __m512 f = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+  v16f v;
+  std::memcpy(&v, &f, sizeof(v));
+  return v;
+#elif defined(__AVX2__)
+  __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  __m256 lo = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(b));
+  __m256 hi = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(b, 8)));
+  v16f v;
+  std::memcpy(&v, &lo, 32);
+  std::memcpy(reinterpret_cast<char*>(&v) + 32, &hi, 32);
+  return v;
+#else
+  v16u8 b;
+  std::memcpy(&b, p, 16);
+  return bytes_to_float16(b);
+#endif
+}
+
+// out[m, n] = sum_k x[m, k] w[n, k] for n in [n0, n1); x is M x K, out is M x N (row stride ldo).
+template <int M, int R>
+void gemv_block(const float* x, const float* w, float* out, int64_t K, int64_t ldo, int64_t n0, int64_t n1) {
+  int64_t n = n0;
+  for (; n + R <= n1; n += R) {
+    v8f acc[M][R];
+    for (int m = 0; m < M; ++m)
+      for (int r = 0; r < R; ++r) acc[m][r] = v8f{};
+    const float* wr[R];
+    for (int r = 0; r < R; ++r) wr[r] = w + (n + r) * K;
+    int64_t k = 0;
+    for (; k + 8 <= K; k += 8) {
+      v8f wv[R];
+      for (int r = 0; r < R; ++r) wv[r] = load8(wr[r] + k);
+      for (int m = 0; m < M; ++m) {
+        v8f xv = load8(x + m * K + k);
+        for (int r = 0; r < R; ++r) acc[m][r] += xv * wv[r];
+      }
+    }
+    for (int m = 0; m < M; ++m)
+      for (int r = 0; r < R; ++r) {
+        float s = hsum(acc[m][r]);
+        for (int64_t kk = k; kk < K; ++kk) s += x[m * K + kk] * wr[r][kk];
+        out[m * ldo + n + r] = s;
+      }
+  }
+  if (n < n1) gemv_block<M, 1>(x, w, out, K, ldo, n, n1);
+}
+
+template <int M>
+void gemv_m(const float* x, const float* w, float* out, int64_t K, int64_t ldo, int64_t n0, int64_t n1) {
+  constexpr int R = M <= 2 ? 4 : (M <= 4 ? 2 : 1);
+  gemv_block<M, R>(x, w, out, K, ldo, n0, n1);
+}
+
+void gemv_rows(int M, const float* x, const float* w, float* out, int64_t K, int64_t N, int64_t n0, int64_t n1) {
+  for (int m0 = 0; m0 < M; m0 += 8) {
+    int mb = std::min(8, M - m0);
+    const float* xb = x + m0 * K;
+    float* ob = out + m0 * N;
+    switch (mb) {
+      case 1: gemv_m<1>(xb, w, ob, K, N, n0, n1); break;
+      case 2: gemv_m<2>(xb, w, ob, K, N, n0, n1); break;
+      case 3: gemv_m<3>(xb, w, ob, K, N, n0, n1); break;
+      case 4: gemv_m<4>(xb, w, ob, K, N, n0, n1); break;
+      case 5: gemv_m<5>(xb, w, ob, K, N, n0, n1); break;
+      case 6: gemv_m<6>(xb, w, ob, K, N, n0, n1); break;
+      case 7: gemv_m<7>(xb, w, ob, K, N, n0, n1); break;
+      default: gemv_m<8>(xb, w, ob, K, N, n0, n1); break;
+    }
+  }
+}
+
+// ------------------------------------------------------------------ quantized kernels
+
+// xp: x rearranged per 32 values (4-bit: the 16 even then the 16 odd ones, matching the low and high
+// nibbles of 16 packed bytes; 8-bit: unchanged). xs[m, g]: sum of x over group g.
+template <int M, int BITS>
+void qgemv_block(const float* xp, const float* xs, const uint8_t* w, const float* scales, const float* biases,
+                 float* out, int64_t K, int64_t ldo, int gs, int64_t n0, int64_t n1) {
+  const int64_t G = K / gs;
+  const int64_t row_bytes = K * BITS / 8;
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* wr = w + n * row_bytes;
+    const float* sr = scales + n * G;
+    const float* br = biases + n * G;
+    v16f tot[M];
+    float bsum[M];
+    for (int m = 0; m < M; ++m) {
+      tot[m] = v16f{};
+      bsum[m] = 0.f;
+    }
+    for (int64_t g = 0; g < G; ++g) {
+      v16f acc[M];
+      for (int m = 0; m < M; ++m) acc[m] = v16f{};
+      const uint8_t* wg = wr + g * gs * BITS / 8;
+      const int64_t k0 = g * gs;
+      for (int j = 0; j < gs; j += 32) {
+        v16f q0, q1;
+        if constexpr (BITS == 4) {
+          load_nibbles_as_float16(wg + j / 2, q0, q1);
+        } else {
+          q0 = load_bytes_as_float16(wg + j);
+          q1 = load_bytes_as_float16(wg + j + 16);
+        }
+        for (int m = 0; m < M; ++m) {
+          const float* xm = xp + m * K + k0 + j;
+          acc[m] += q0 * load16(xm) + q1 * load16(xm + 16);
+        }
+      }
+      const float s = sr[g], bi = br[g];
+      for (int m = 0; m < M; ++m) {
+        tot[m] += acc[m] * s;
+        bsum[m] += bi * xs[m * G + g];
+      }
+    }
+    for (int m = 0; m < M; ++m) out[m * ldo + n] = hsum16(tot[m]) + bsum[m];
+  }
+}
+
+template <int BITS>
+void qgemv_rows(int M, const float* xp, const float* xs, const uint8_t* w, const float* scales, const float* biases,
+                float* out, int64_t K, int64_t N, int gs, int64_t n0, int64_t n1) {
+  const int64_t G = K / gs;
+  for (int m0 = 0; m0 < M; m0 += 4) {
+    int mb = std::min(4, M - m0);
+    const float* xb = xp + m0 * K;
+    const float* sb = xs + m0 * G;
+    float* ob = out + m0 * N;
+    switch (mb) {
+      case 1: qgemv_block<1, BITS>(xb, sb, w, scales, biases, ob, K, N, gs, n0, n1); break;
+      case 2: qgemv_block<2, BITS>(xb, sb, w, scales, biases, ob, K, N, gs, n0, n1); break;
+      case 3: qgemv_block<3, BITS>(xb, sb, w, scales, biases, ob, K, N, gs, n0, n1); break;
+      default: qgemv_block<4, BITS>(xb, sb, w, scales, biases, ob, K, N, gs, n0, n1); break;
+    }
+  }
+}
+
+// ------------------------------------------------------------------ primitives
+
+mx::Shape out_shape(const mx::array& x, int64_t n) {
+  mx::Shape s = x.shape();
+  s.back() = (int)n;
+  return s;
+}
+
+class Gemv : public mx::UnaryPrimitive {
+ public:
+  explicit Gemv(mx::Stream s) : mx::UnaryPrimitive(s) {}
+
+  void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override {
+    const mx::array& x = inputs[0];
+    const mx::array& w = inputs[1];
+    out.set_data(mx::allocator::malloc(out.nbytes()));
+    auto& enc = mx::cpu::get_command_encoder(stream());
+    enc.set_input_array(x);
+    enc.set_input_array(w);
+    enc.set_output_array(out);
+    const int64_t K = w.shape(1), N = w.shape(0), M = x.size() / K;
+    enc.dispatch([xp = x.data<float>(), wp = w.data<float>(), op = out.data<float>(), M, N, K]() {
+      parallel_rows(N, N * K * 4, [&](int64_t a, int64_t b) { gemv_rows((int)M, xp, wp, op, K, N, a, b); });
+    });
+  }
+  void eval_gpu(const std::vector<mx::array>&, mx::array&) override {
+    throw std::runtime_error("mlx_openelm.kernels.gemv runs on the CPU only");
+  }
+  std::vector<mx::array> vjp(const std::vector<mx::array>& primals, const std::vector<mx::array>& cotangents,
+                             const std::vector<int>& argnums, const std::vector<mx::array>&) override {
+    const auto& x = primals[0];
+    const auto& w = primals[1];
+    const auto& c = cotangents[0];
+    std::vector<mx::array> grads;
+    for (int a : argnums) {
+      if (a == 0) {
+        grads.push_back(mx::matmul(c, w, stream()));
+      } else {
+        int64_t K = w.shape(1), N = w.shape(0);
+        auto c2 = mx::reshape(c, {-1, (int)N}, stream());
+        auto x2 = mx::reshape(x, {-1, (int)K}, stream());
+        grads.push_back(mx::matmul(mx::transpose(c2, stream()), x2, stream()));
+      }
+    }
+    return grads;
+  }
+  std::vector<mx::array> jvp(const std::vector<mx::array>& primals, const std::vector<mx::array>& tangents,
+                             const std::vector<int>& argnums) override {
+    std::vector<mx::array> terms;
+    for (size_t i = 0; i < argnums.size(); ++i) {
+      if (argnums[i] == 0)
+        terms.push_back(mx::matmul(tangents[i], mx::transpose(primals[1], stream()), stream()));
+      else
+        terms.push_back(mx::matmul(primals[0], mx::transpose(tangents[i], stream()), stream()));
+    }
+    mx::array r = terms[0];
+    for (size_t i = 1; i < terms.size(); ++i) r = mx::add(r, terms[i], stream());
+    return {r};
+  }
+  const char* name() const override { return "OpenELMGemv"; }
+  bool is_equivalent(const mx::Primitive&) const override { return true; }
+  std::vector<mx::Shape> output_shapes(const std::vector<mx::array>& inputs) override {
+    return {out_shape(inputs[0], inputs[1].shape(0))};
+  }
+};
+
+class QGemv : public mx::UnaryPrimitive {
+ public:
+  QGemv(mx::Stream s, int group_size, int bits) : mx::UnaryPrimitive(s), gs_(group_size), bits_(bits) {}
+
+  void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override {
+    const mx::array& x = inputs[0];
+    const mx::array& w = inputs[1];
+    const mx::array& sc = inputs[2];
+    const mx::array& bi = inputs[3];
+    out.set_data(mx::allocator::malloc(out.nbytes()));
+    auto& enc = mx::cpu::get_command_encoder(stream());
+    enc.set_input_array(x);
+    enc.set_input_array(w);
+    enc.set_input_array(sc);
+    enc.set_input_array(bi);
+    enc.set_output_array(out);
+    const int64_t N = w.shape(0), K = w.shape(1) * 32 / bits_, M = x.size() / K;
+    enc.dispatch([xp = x.data<float>(), wp = w.data<uint8_t>(), sp = sc.data<float>(), bp = bi.data<float>(),
+                  op = out.data<float>(), M, N, K, gs = gs_, bits = bits_]() {
+      const int64_t G = K / gs;
+      std::vector<float> xr(M * K), xs(M * G);
+      for (int64_t m = 0; m < M; ++m) {
+        const float* src = xp + m * K;
+        float* dst = xr.data() + m * K;
+        for (int64_t g = 0; g < G; ++g) {
+          float s = 0.f;
+          for (int j = 0; j < gs; ++j) s += src[g * gs + j];
+          xs[m * G + g] = s;
+        }
+        if (bits == 4) {
+          for (int64_t k = 0; k < K; k += 32)
+            for (int j = 0; j < 16; ++j) {
+              dst[k + j] = src[k + 2 * j];
+              dst[k + 16 + j] = src[k + 2 * j + 1];
+            }
+        } else {
+          std::memcpy(dst, src, K * sizeof(float));
+        }
+      }
+      const int64_t bytes = N * K * bits / 8;
+      parallel_rows(N, bytes, [&](int64_t a, int64_t b) {
+        if (bits == 4)
+          qgemv_rows<4>((int)M, xr.data(), xs.data(), wp, sp, bp, op, K, N, gs, a, b);
+        else
+          qgemv_rows<8>((int)M, xr.data(), xs.data(), wp, sp, bp, op, K, N, gs, a, b);
+      });
+    });
+  }
+  void eval_gpu(const std::vector<mx::array>&, mx::array&) override {
+    throw std::runtime_error("mlx_openelm.kernels.qgemv runs on the CPU only");
+  }
+  std::vector<mx::array> vjp(const std::vector<mx::array>& primals, const std::vector<mx::array>& cotangents,
+                             const std::vector<int>& argnums, const std::vector<mx::array>&) override {
+    std::vector<mx::array> grads;
+    for (int a : argnums) {
+      if (a != 0) throw std::invalid_argument("qgemv: no gradient with respect to the quantized weights");
+      grads.push_back(mx::quantized_matmul(cotangents[0], primals[1], primals[2], primals[3], false, gs_, bits_,
+                                           "affine", stream()));
+    }
+    return grads;
+  }
+  const char* name() const override { return "OpenELMQGemv"; }
+  bool is_equivalent(const mx::Primitive& other) const override {
+    const auto& o = static_cast<const QGemv&>(other);
+    return gs_ == o.gs_ && bits_ == o.bits_;
+  }
+  std::vector<mx::Shape> output_shapes(const std::vector<mx::array>& inputs) override {
+    return {out_shape(inputs[0], inputs[1].shape(0))};
+  }
+
+ private:
+  int gs_, bits_;
+};
+
+// w = scale * q + bias as float32 [N, K] (for many-row products: then BLAS).
+class Dequant : public mx::UnaryPrimitive {
+ public:
+  Dequant(mx::Stream s, int group_size, int bits) : mx::UnaryPrimitive(s), gs_(group_size), bits_(bits) {}
+
+  void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override {
+    const mx::array& w = inputs[0];
+    const mx::array& sc = inputs[1];
+    const mx::array& bi = inputs[2];
+    out.set_data(mx::allocator::malloc(out.nbytes()));
+    auto& enc = mx::cpu::get_command_encoder(stream());
+    enc.set_input_array(w);
+    enc.set_input_array(sc);
+    enc.set_input_array(bi);
+    enc.set_output_array(out);
+    const int64_t N = w.shape(0), K = w.shape(1) * 32 / bits_;
+    enc.dispatch([wp = w.data<uint8_t>(), sp = sc.data<float>(), bp = bi.data<float>(), op = out.data<float>(), N, K,
+                  gs = gs_, bits = bits_]() {
+      const int64_t G = K / gs;
+      parallel_rows(N, N * K * 4, [&](int64_t a, int64_t b) {
+        for (int64_t n = a; n < b; ++n) {
+          const uint8_t* wr = wp + n * K * bits / 8;
+          float* o = op + n * K;
+          for (int64_t g = 0; g < G; ++g) {
+            const float s = sp[n * G + g], c = bp[n * G + g];
+            const int64_t k0 = g * gs;
+            if (bits == 4) {
+              for (int j = 0; j < gs / 2; ++j) {
+                uint8_t v = wr[k0 / 2 + j];
+                o[k0 + 2 * j] = s * (float)(v & 15) + c;
+                o[k0 + 2 * j + 1] = s * (float)(v >> 4) + c;
+              }
+            } else {
+              for (int j = 0; j < gs; ++j) o[k0 + j] = s * (float)wr[k0 + j] + c;
+            }
+          }
+        }
+      });
+    });
+  }
+  void eval_gpu(const std::vector<mx::array>&, mx::array&) override {
+    throw std::runtime_error("mlx_openelm.kernels.dequantize runs on the CPU only");
+  }
+  const char* name() const override { return "OpenELMDequantize"; }
+  bool is_equivalent(const mx::Primitive& other) const override {
+    const auto& o = static_cast<const Dequant&>(other);
+    return gs_ == o.gs_ && bits_ == o.bits_;
+  }
+  std::vector<mx::Shape> output_shapes(const std::vector<mx::array>& inputs) override {
+    return {{inputs[0].shape(0), (int)((int64_t)inputs[0].shape(1) * 32 / bits_)}};
+  }
+
+ private:
+  int gs_, bits_;
+};
+
+mx::Stream cpu_stream(mx::StreamOrDevice s) {
+  mx::Stream st = mx::to_stream(s);
+  if (st.device != mx::Device::cpu) throw std::invalid_argument("the mlx_openelm kernels run on the CPU device only");
+  return st;
+}
+
+mx::array gemv(const mx::array& x, const mx::array& w, mx::StreamOrDevice s) {
+  auto st = cpu_stream(s);
+  if (x.dtype() != mx::float32 || w.dtype() != mx::float32)
+    throw std::invalid_argument("gemv: x and w must be float32");
+  if (w.ndim() != 2 || x.ndim() < 1 || x.shape(-1) != w.shape(1)) {
+    std::ostringstream msg;
+    msg << "gemv: x's last axis (" << (x.ndim() ? x.shape(-1) : 0) << ") must match w[N, K]'s K";
+    throw std::invalid_argument(msg.str());
+  }
+  auto xc = mx::contiguous(x, false, st);
+  auto wc = mx::contiguous(w, false, st);
+  return mx::array(out_shape(x, w.shape(0)), mx::float32, std::make_shared<Gemv>(st), {xc, wc});
+}
+
+mx::array qgemv(const mx::array& x, const mx::array& w, const mx::array& scales, const mx::array& biases,
+                int group_size, int bits, mx::StreamOrDevice s) {
+  auto st = cpu_stream(s);
+  if (bits != 4 && bits != 8) throw std::invalid_argument("qgemv: bits must be 4 or 8");
+  if (group_size % 32 != 0 || group_size <= 0) throw std::invalid_argument("qgemv: group_size must be a multiple of 32");
+  if (x.dtype() != mx::float32 || scales.dtype() != mx::float32 || biases.dtype() != mx::float32 ||
+      w.dtype() != mx::uint32)
+    throw std::invalid_argument("qgemv: x, scales and biases must be float32 and w uint32");
+  if (w.ndim() != 2 || x.ndim() < 1) throw std::invalid_argument("qgemv: w must be 2-D and x at least 1-D");
+  int64_t K = (int64_t)w.shape(1) * 32 / bits;
+  if (x.shape(-1) != K || K % group_size != 0 || scales.ndim() != 2 || scales.shape(0) != w.shape(0) ||
+      scales.shape(1) != K / group_size || biases.shape() != scales.shape())
+    throw std::invalid_argument("qgemv: shapes of x, w, scales and biases do not match");
+  auto c = [&](const mx::array& a) { return mx::contiguous(a, false, st); };
+  return mx::array(out_shape(x, w.shape(0)), mx::float32, std::make_shared<QGemv>(st, group_size, bits),
+                   {c(x), c(w), c(scales), c(biases)});
+}
+
+mx::array dequantize(const mx::array& w, const mx::array& scales, const mx::array& biases, int group_size, int bits,
+                     mx::StreamOrDevice s) {
+  auto st = cpu_stream(s);
+  if (bits != 4 && bits != 8) throw std::invalid_argument("dequantize: bits must be 4 or 8");
+  if (group_size % 32 != 0 || group_size <= 0) throw std::invalid_argument("dequantize: group_size must be a multiple of 32");
+  if (scales.dtype() != mx::float32 || biases.dtype() != mx::float32 || w.dtype() != mx::uint32)
+    throw std::invalid_argument("dequantize: scales and biases must be float32 and w uint32");
+  int64_t K = (int64_t)w.shape(1) * 32 / bits;
+  if (w.ndim() != 2 || K % group_size != 0 || scales.ndim() != 2 || scales.shape(0) != w.shape(0) ||
+      scales.shape(1) != K / group_size || biases.shape() != scales.shape())
+    throw std::invalid_argument("dequantize: shapes of w, scales and biases do not match");
+  auto c = [&](const mx::array& a) { return mx::contiguous(a, false, st); };
+  return mx::array({w.shape(0), (int)K}, mx::float32, std::make_shared<Dequant>(st, group_size, bits),
+                   {c(w), c(scales), c(biases)});
+}
+
+}  // namespace
+
+NB_MODULE(_ext, m) {
+  m.doc() = "mlx-openelm CPU kernels (decode-shaped float32 and 4/8-bit affine quantized products)";
+  m.attr("mlx_version") = MLX_BUILT_VERSION;
+  m.def("gemv", &gemv, "x"_a, "w"_a, nb::kw_only(), "stream"_a = nb::none(),
+        "x[..., K] @ w[N, K].T in float32 on the CPU");
+  m.def("qgemv", &qgemv, "x"_a, "w"_a, "scales"_a, "biases"_a, "group_size"_a, "bits"_a, nb::kw_only(),
+        "stream"_a = nb::none(), "x[..., K] @ dequantize(w, scales, biases).T (MLX affine layout) on the CPU");
+  m.def("dequantize", &dequantize, "w"_a, "scales"_a, "biases"_a, "group_size"_a, "bits"_a, nb::kw_only(),
+        "stream"_a = nb::none(), "float32 scale * q + bias of MLX's affine layout, on the CPU");
+  m.def("set_threads", &set_threads, "n"_a, "Threads for the next products (0: one per available core)");
+  m.def("num_threads", &num_threads);
+}
