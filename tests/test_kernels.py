@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from mlx_openelm import kernels
-from mlx_openelm.bench.core import TINY_SHAPE, mlx_lm_model, share_weights
+from mlx_openelm.bench.core import mlx_lm_model, share_weights
 from mlx_openelm.config import ModelArgs
 from mlx_openelm.model import Model, init_weights
 from mlx_openelm.weights import compute_plan, cpu_runs_quantized, quantize_model
@@ -135,7 +135,7 @@ def test_bad_inputs_raise():
 
 
 def _tiny_model(quantize=None, seed=0) -> Model:
-    m = Model(ModelArgs(**TINY_SHAPE))
+    m = Model(ModelArgs.from_name("tiny", ffn_dim_divisor=64))  # widths multiples of 64: group size 64
     init_weights(m, seed)
     if quantize:
         quantize_model(m, quantize, 64)
