@@ -18,7 +18,10 @@ import mlx.core as mx
 from mlx.utils import tree_flatten
 
 from mlx_openelm.config import ModelArgs
+from mlx_openelm.data import generate_prompt
 from mlx_openelm.model import Model, init_weights
+from mlx_openelm.tokenizer import Tokenizer
+from mlx_openelm.train.loop import METRICS_FILE
 
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
@@ -221,3 +224,61 @@ def hf_checkpoint(tmp_path, sp_model_path):
     folder = tmp_path / "OpenELM-tiny"
     model = write_hf_checkpoint(folder, tiny_args())
     return folder, model
+
+
+# -- a learnable task for the trainers (SFT, DPO tests): which words are colours ---------------------------
+
+# "Is <word> a colour?" after two random filler words; the model must learn which words are colours
+# and ignore the filler. Held-out questions use filler pairs never seen in training.
+COLOURS, OTHERS = ("red", "blue"), ("cat", "tree")
+FILLER = "the a sat on runs fast slow small large open light dark model sentence task city".split()
+
+
+def colour_record(word: str, filler: str) -> dict:
+    label = "true" if word in COLOURS else "false"
+    instruction = (
+        f"Please answer the following question with true or false, question: {filler} is {word} a colour?"
+        "\n\nAnswer format: true/false"
+    )
+    return {"instruction": instruction, "input": "", "output": f"the correct answer is {label}", "answer": label}
+
+
+def colour_task(n_train_per_word=24, n_test_per_word=12, seed=0):
+    rng = random.Random(seed)
+    pairs = [f"{a} {b}" for a in FILLER for b in FILLER if a != b]
+    rng.shuffle(pairs)
+    words = COLOURS + OTHERS
+    n_tr, n_te = n_train_per_word, n_test_per_word
+    train_set = [colour_record(w, pairs[i * len(words) + k]) for i in range(n_tr) for k, w in enumerate(words)]
+    base = n_tr * len(words)
+    test_set = [colour_record(w, pairs[base + i * len(words) + k]) for i in range(n_te) for k, w in enumerate(words)]
+    return train_set, test_set
+
+
+@pytest.fixture(scope="session")
+def task_spm_path(tmp_path_factory) -> Path:
+    """A word-level SentencePiece model trained on the task's prompts, so sequences stay ~56 tokens."""
+    import sentencepiece as spm
+
+    d = tmp_path_factory.mktemp("task_spm")
+    train_set, test_set = colour_task()
+    lines = [generate_prompt(r, train=t).replace("\n", " ") for r in train_set + test_set for t in (True, False)]
+    (d / "corpus.txt").write_text("\n".join(lines) + "\n")
+    spm.SentencePieceTrainer.train(
+        input=str(d / "corpus.txt"), model_prefix=str(d / "tokenizer"), vocab_size=300, model_type="bpe",
+        hard_vocab_limit=False, unk_id=0, bos_id=1, eos_id=2, pad_id=-1, character_coverage=1.0,
+        num_threads=1, minloglevel=2,
+    )
+    return d / "tokenizer.model"
+
+
+@pytest.fixture(scope="session")
+def task_tokenizer(task_spm_path) -> Tokenizer:
+    return Tokenizer(task_spm_path)
+
+
+def metrics(folder: Path):
+    lines = [json.loads(x) for x in (Path(folder) / METRICS_FILE).read_text().splitlines()]
+    return [x for x in lines if "loss" in x], [x for x in lines if "val_loss" in x]
+
+

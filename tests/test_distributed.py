@@ -23,7 +23,7 @@ from mlx_openelm.io.load import load
 from mlx_openelm.adapters import LoRAConfig
 from mlx_openelm.data import load_train_data, split_train_val
 from mlx_openelm.train.sft import TrainingArgs, train
-from test_trainer import colour_task, task_spm_path  # noqa: F401  (fixture)
+from conftest import colour_task
 
 ROOT = Path(__file__).resolve().parents[1]
 LAUNCH = Path(sys.executable).parent / "mlx.launch"

@@ -25,7 +25,7 @@ from mlx_openelm.adapters import LoRAConfig
 from mlx_openelm.model import Model, init_weights
 from mlx_openelm.train import loop
 from mlx_openelm.train.sft import TrainingArgs, token_loss, train
-from test_trainer import colour_task, metrics, task_spm_path, task_tokenizer  # noqa: F401  (fixtures)
+from conftest import colour_task, metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 
