@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import socket
 from pathlib import Path
 
 import pytest
@@ -282,3 +283,18 @@ def metrics(folder: Path):
     return [x for x in lines if "loss" in x], [x for x in lines if "val_loss" in x]
 
 
+
+
+def free_port_pair() -> int:
+    """A port p with p and p + 1 free (the ring backend listens on one port per local rank)."""
+    for _ in range(50):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        try:
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", port + 1))
+            return port
+        except OSError:
+            continue
+    pytest.skip("no two consecutive free local ports for the ring backend")

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -23,25 +22,12 @@ from mlx_openelm.io.load import load
 from mlx_openelm.adapters import LoRAConfig
 from mlx_openelm.data import load_train_data, split_train_val
 from mlx_openelm.train.sft import TrainingArgs, train
-from conftest import colour_task
+from conftest import colour_task, free_port_pair
 
 ROOT = Path(__file__).resolve().parents[1]
 LAUNCH = Path(sys.executable).parent / "mlx.launch"
 
 
-def free_port_pair() -> int:
-    """A port p with p and p + 1 free (the ring backend listens on one port per local rank)."""
-    for _ in range(50):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        try:
-            with socket.socket() as s:
-                s.bind(("127.0.0.1", port + 1))
-            return port
-        except OSError:
-            continue
-    pytest.skip("no two consecutive free local ports for the ring backend")
 
 
 def lora_cli(model: Path, data: Path, out: Path) -> list:

@@ -579,7 +579,6 @@ def test_two_processes_match_one(tmp_path, task_folder, task_tok):
     same global batch, including a last micro-batch of one pair (the second rank gets a zero-weight row)."""
     import os
     import shutil
-    import socket
     import subprocess
     import sys
 
@@ -588,20 +587,9 @@ def test_two_processes_match_one(tmp_path, task_folder, task_tok):
     launch = Path(sys.executable).parent / "mlx.launch"
     if not launch.exists() and shutil.which("mlx.launch") is None:
         pytest.skip("mlx.launch is not installed next to this Python")
-    port = None
-    for _ in range(50):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            candidate = s.getsockname()[1]
-        try:
-            with socket.socket() as s:
-                s.bind(("127.0.0.1", candidate + 1))
-            port = candidate
-            break
-        except OSError:
-            continue
-    if port is None:
-        pytest.skip("no two consecutive free local ports for the ring backend")
+    from conftest import free_port_pair
+
+    port = free_port_pair()
     data = tmp_path / "prefs"
     data.mkdir()
     write_jsonl(data / "train.jsonl", colour_rows(3)[:9])  # 9 pairs in micro-batches of 4: 4, 4, 1

@@ -138,6 +138,11 @@ def torch_source(files: Sequence[Path], kind: str) -> Source:
         if not isinstance(loaded, dict):
             raise ValueError(f"{f.name} holds a {type(loaded).__name__}, not a state dict")
         state.update({_hf_name(k): v for k, v in loaded.items() if isinstance(v, torch.Tensor)})
+    return tensors_source(torch, state, kind)
+
+
+def tensors_source(torch, state: Dict[str, Any], kind: str) -> Source:
+    """A ``Source`` over torch tensors by HF name; each is converted (and released) when read."""
     to_mx = {torch.float32: mx.float32, torch.float16: mx.float16, torch.bfloat16: mx.bfloat16}
 
     def read(name: str) -> mx.array:
@@ -146,12 +151,7 @@ def torch_source(files: Sequence[Path], kind: str) -> Source:
             return mx.array(t.float().numpy()).astype(mx.bfloat16)
         return mx.array(t.numpy())
 
-    return Source(
-        {k: tuple(v.shape) for k, v in state.items()},
-        {k: to_mx.get(v.dtype, v.dtype) for k, v in state.items()},
-        read,
-        kind,
-    )
+    return Source({k: tuple(v.shape) for k, v in state.items()}, {k: to_mx.get(v.dtype, v.dtype) for k, v in state.items()}, read, kind)
 
 
 def open_hf(folder: Path) -> Tuple[ModelArgs, Source]:
@@ -243,16 +243,7 @@ def corenet_source(ckpt: Path) -> Tuple[Source, Dict[str, Any]]:
         raise ValueError(f"cannot read {ckpt.name} ({first_line(e)}); is it a complete CoreNet checkpoint?") from e
     state, info = _corenet_state(loaded, ckpt.name)
     del loaded  # the optimizer state of a training checkpoint is never touched (memory-mapped)
-    to_mx = {torch.float32: mx.float32, torch.float16: mx.float16, torch.bfloat16: mx.bfloat16}
-
-    def read(name: str) -> mx.array:
-        t = state.pop(name).detach()
-        if t.dtype == torch.bfloat16:  # numpy has no bfloat16
-            return mx.array(t.float().numpy()).astype(mx.bfloat16)
-        return mx.array(t.numpy())
-
-    shapes = {k: tuple(v.shape) for k, v in state.items()}
-    return Source(shapes, {k: to_mx.get(v.dtype, v.dtype) for k, v in state.items()}, read, "corenet"), info
+    return tensors_source(torch, state, "corenet"), info
 
 
 def corenet_args_from_shapes(shapes: Dict[str, Tuple[int, ...]]) -> Tuple[ModelArgs, Optional[str]]:
