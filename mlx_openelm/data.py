@@ -16,6 +16,8 @@ from typing import TYPE_CHECKING, Dict, Iterator, List, Optional, Sequence, Tupl
 
 import numpy as np
 
+from .io.hub import dataset_file
+
 if TYPE_CHECKING:
     import mlx.core as mx
 
@@ -119,9 +121,12 @@ def _scan_json_array(text: str, file: Path) -> List[Tuple[int, object]]:
         raise ValueError(f"{file}:{at}: invalid JSON (expected ',' or ']'); fix the file")
 
 
-def _read_items(file: Path) -> List[Tuple[int, object]]:
+def read_json_records(file: Path, jsonl: Optional[bool] = None) -> List[Tuple[int, object]]:
+    """``(line number, record)`` of a JSON list or of a JSON-lines file (``jsonl``; default: by the
+    ``.jsonl`` suffix); a malformed line raises ``ValueError("<file>:<line>: invalid JSON ...")``."""
+    file = Path(file)
     text = file.read_text(encoding="utf-8")
-    if file.suffix == ".jsonl":
+    if jsonl if jsonl is not None else file.suffix == ".jsonl":
         items = []
         for n, line in enumerate(text.splitlines(), 1):
             if line.strip():
@@ -175,27 +180,17 @@ def load_records(path, split: str = "train", required: Sequence[str] = TRAIN_FIE
         files = [path]
     else:
         raise FileNotFoundError(f"{path} does not exist; pass a .json/.jsonl file, a folder, or --data commonsense")
-    records = [_validate(item, f, line, required) for f in files for line, item in _read_items(f)]
+    records = [_validate(item, f, line, required) for f in files for line, item in read_json_records(f)]
     if not records:
         raise ValueError(f"{path} holds no records; give a file with at least one {{{', '.join(required)}}} record")
     return records
 
 
 def fetch_commonsense_170k(cache_dir: Optional[str] = None) -> Path:
-    """Path of ``commonsense_170k.json`` in the Hugging Face cache, downloading it if needed.
-
-    Uses ``huggingface_hub.hf_hub_download`` from the dataset repo ``Lohse/commonsense``, so
-    ``HF_HOME``/``HF_HUB_CACHE`` and ``HF_HUB_OFFLINE=1`` apply as usual."""
-    from huggingface_hub import hf_hub_download
-
-    try:
-        return Path(hf_hub_download(COMMONSENSE_REPO, COMMONSENSE_FILE, repo_type="dataset", cache_dir=cache_dir))
-    except OSError as e:  # offline cache miss, no network, missing repo: all OSError subclasses
-        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise FileNotFoundError(
-            f"could not get {COMMONSENSE_FILE} from the Hugging Face Hub dataset {COMMONSENSE_REPO} ({reason}); "
-            f"download it from {COMMONSENSE_GITHUB} and pass --data PATH"
-        ) from None
+    """Path of ``commonsense_170k.json`` in the Hugging Face cache, downloading it if needed, from the
+    dataset repo ``Lohse/commonsense`` (``HF_HOME``/``HF_HUB_CACHE`` and ``HF_HUB_OFFLINE=1`` apply)."""
+    return dataset_file(COMMONSENSE_REPO, COMMONSENSE_FILE, COMMONSENSE_FILE,
+                        f"download it from {COMMONSENSE_GITHUB} and pass --data PATH", cache_dir=cache_dir)
 
 
 def load_train_data(data: str) -> List[Dict[str, str]]:

@@ -156,3 +156,21 @@ def atomic_folder(dest: PathLike, force: bool = False, on_replace: Optional[Call
             except OSError:
                 break
         raise
+
+
+def read_recipe(path: PathLike, allowed) -> dict:
+    """A recipe YAML as {option: value}; unknown keys are refused (they would be silently ignored)."""
+    import yaml
+
+    try:
+        recipe = yaml.safe_load(Path(path).read_text()) or {}
+    except OSError as e:
+        raise FileNotFoundError(f"cannot read the recipe {path}: {e.strerror or e}") from e
+    except yaml.YAMLError as e:
+        raise ValueError(f"{path} is not valid YAML ({first_line(e)})") from e
+    if not isinstance(recipe, dict):
+        raise ValueError(f"{path} must be a mapping of option: value")
+    unknown = sorted(set(recipe) - set(allowed))
+    if unknown:
+        raise ValueError(f"{path}: unknown option(s) {', '.join(unknown)}; known: {', '.join(sorted(allowed))}")
+    return recipe

@@ -15,7 +15,7 @@ PKG = ROOT / "mlx_openelm"
 
 # layer of each top-level part of the package: an import may only go to the same or a lower layer
 LAYERS = {
-    "_backend": 0, "utils": 0, "config": 1, "weights": 1, "tokenizer": 1, "model": 2, "scoring": 2, "adapters": 2, "data": 2,
+    "_backend": 0, "utils": 0, "config": 1, "weights": 1, "tokenizer": 1, "model": 2, "scoring": 2, "adapters": 2, "data": 3,
     "kernels": 1, "io": 3, "generate": 3, "train": 4, "eval": 4, "bench": 4, "serve": 4, "cli": 5, "__init__": 6, "__main__": 6,
 }
 

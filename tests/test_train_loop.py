@@ -213,7 +213,8 @@ def test_recipe_with_flags_winning(tmp_path, hf_model):
     r = cli(["lora", "-m", str(hf_model), "--data", str(data), "-o", str(tmp_path / "b"), "--config", str(bad)], tmp_path)
     assert r.returncode == 1 and "learning_rat" in r.stderr and len(r.stderr.strip().splitlines()) == 1
     for shipped in (ROOT / "recipes").glob("*lora*.yaml"):  # the shipped recipes only use known options
-        from mlx_openelm.cli.train import lora, locals_of, read_recipe
+        from mlx_openelm.cli.train import lora, locals_of
+        from mlx_openelm.utils import read_recipe
 
         import inspect
 

@@ -40,7 +40,7 @@ from mlx.utils import tree_flatten, tree_unflatten
 
 from ..config import ModelArgs
 from ..model import Model, RMSNorm, init_weights
-from ..utils import atomic_write
+from ..utils import atomic_write, first_line
 from ..weights import DTYPES, QUANTIZED, apply_plan, compute_plan, device_is_cpu, float_dtype_of, quantization_of
 from ..weights import quantize_model as _quantize
 
@@ -496,7 +496,7 @@ def _load_for_bench(path: str, dtype: str, quantize: Optional[int], need_checkpo
         try:
             checkpoint = mlx_lm_load_model(Path(folder))[0]
         except Exception as e:  # mlx-lm's own error types vary; say which side failed
-            raise ValueError(f"mlx-lm could not load {folder} for --compare-mlx-lm: {str(e).splitlines()[0]}") from None
+            raise ValueError(f"mlx-lm could not load {folder} for --compare-mlx-lm: {first_line(e)}") from None
     if quantize:
         quantize_model(ours, quantize)
         if checkpoint is not None:

@@ -7,6 +7,7 @@ from typing import Optional
 
 import typer
 
+from ..utils import read_recipe
 from ._common import ModelOpt, parameter_source_is_default
 
 
@@ -58,24 +59,6 @@ class TrainProgress:
 
     def close(self):
         self.progress.stop()
-
-
-def read_recipe(path: Path, allowed) -> dict:
-    """A recipe YAML as {option: value}; unknown keys are refused (they would be silently ignored)."""
-    import yaml
-
-    try:
-        recipe = yaml.safe_load(Path(path).read_text()) or {}
-    except OSError as e:
-        raise FileNotFoundError(f"cannot read the recipe {path}: {e.strerror or e}") from e
-    except yaml.YAMLError as e:
-        raise ValueError(f"{path} is not valid YAML ({str(e).splitlines()[0]})") from e
-    if not isinstance(recipe, dict):
-        raise ValueError(f"{path} must be a mapping of option: value")
-    unknown = sorted(set(recipe) - set(allowed))
-    if unknown:
-        raise ValueError(f"{path}: unknown option(s) {', '.join(unknown)}; known: {', '.join(sorted(allowed))}")
-    return recipe
 
 
 def apply_recipe(ctx: typer.Context, values: dict, recipe_path: Optional[Path]) -> dict:

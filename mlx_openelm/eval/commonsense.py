@@ -24,6 +24,7 @@ import mlx.core as mx
 import numpy as np
 from mlx_lm.models.cache import BatchKVCache
 
+from ..io.hub import dataset_file
 from ..data import EVAL_FIELDS, PAD_ID, generate_prompt, load_records
 from ..scoring import encode_pair, score_tokens
 
@@ -310,17 +311,9 @@ def build_hub_test_set(task: str, cache_dir: Optional[str] = None) -> List[Dict[
         import pyarrow.parquet as pq
     except ImportError:
         raise ImportError("reading the Hub test sets needs pyarrow: pip install pyarrow (or pip install 'mlx-openelm[eval]')") from None
-    from huggingface_hub import hf_hub_download
-
     repo, revision, filename = HUB_SOURCES[task]
-    try:
-        path = hf_hub_download(repo, filename, repo_type="dataset", revision=revision, cache_dir=cache_dir)
-    except OSError as e:
-        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise FileNotFoundError(
-            f"could not get {task} from the Hugging Face Hub ({repo}/{filename}: {reason}); "
-            "download LLM-Adapters' dataset/ folder from GitHub and pass --data FOLDER"
-        ) from None
+    path = dataset_file(repo, filename, task, "download LLM-Adapters' dataset/ folder from GitHub and pass --data FOLDER",
+                        revision=revision, cache_dir=cache_dir)
     return [ROW_FORMATS[task](row) for row in pq.read_table(path).to_pylist()]
 
 

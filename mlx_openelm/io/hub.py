@@ -61,14 +61,25 @@ def download(repo: str, revision: Optional[str] = None, patterns: Sequence[str] 
     return folder
 
 
-def download_file(repo: str, filename: str, revision: Optional[str] = None, repo_type: Optional[str] = None) -> Path:
+def download_file(repo: str, filename: str, revision: Optional[str] = None, repo_type: Optional[str] = None,
+                  cache_dir: Optional[str] = None) -> Path:
     """One file of a hub repo (HF cache), errors translated by ``hub_error``."""
     from huggingface_hub import hf_hub_download
 
     try:
-        return Path(hf_hub_download(repo, filename, revision=revision, repo_type=repo_type))
+        return Path(hf_hub_download(repo, filename, revision=revision, repo_type=repo_type, cache_dir=cache_dir))
     except Exception as e:
         raise hub_error(repo, e, revision) from e
+
+
+def dataset_file(repo: str, filename: str, what: str, instead: str, revision: Optional[str] = None,
+                 cache_dir: Optional[str] = None) -> Path:
+    """A data set's file from the Hub; when it cannot be had, ``FileNotFoundError`` saying which
+    (``what``), why, and what to do ``instead`` (a local copy)."""
+    try:
+        return download_file(repo, filename, revision=revision, repo_type="dataset", cache_dir=cache_dir)
+    except ValueError as e:
+        raise FileNotFoundError(f"could not get {what} from the Hugging Face Hub ({repo}/{filename}: {e}); {instead}") from e
 
 
 

@@ -34,7 +34,7 @@ from mlx.utils import tree_flatten
 
 from ..adapters import ADAPTER_TYPES, LoRAConfig, apply_adapters
 from ..data import PAD_ID, batch_indices
-from ..utils import atomic_write
+from ..utils import atomic_write, read_recipe
 from .dpo_data import EncodedPair, PreferencePair, data_hash, encode_pairs
 from . import loop as train_loop
 from .loop import TrainingCallback
@@ -278,21 +278,12 @@ OBJECTIVE_FIELDS = ("loss_type", "beta", "label_smoothing", "max_length", "max_p
 
 def load_recipe(name: str) -> Dict[str, Any]:
     """The settings of ``recipes/<name>-dpo.yaml`` (``openelm-270M`` ... ``openelm-3B``) or of a YAML path."""
-    import yaml
-
     path = Path(name)
     if not path.is_file():
         if name not in RECIPES:
             raise ValueError(f"unknown recipe {name!r}; choose one of {', '.join(RECIPES)} or give a YAML file")
         path = RECIPE_DIR / f"{name}-dpo.yaml"
-    try:
-        recipe = yaml.safe_load(path.read_text()) or {}
-    except (OSError, yaml.YAMLError) as e:
-        raise ValueError(f"cannot read the recipe {path}: {e}") from e
-    unknown = sorted(set(recipe) - set(LOOP_FIELDS) - set(OBJECTIVE_FIELDS) - {"model"})
-    if unknown:
-        raise ValueError(f"{path}: unknown recipe key(s) {unknown}")
-    return recipe
+    return read_recipe(path, {*LOOP_FIELDS, *OBJECTIVE_FIELDS, "model"})
 
 
 def dpo_args(recipe: Optional[Dict[str, Any]] = None, **overrides) -> DPOArgs:

@@ -21,6 +21,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
+from ..data import read_json_records
+from ..tokenizer import with_system_turn
+
 ULTRAFEEDBACK = "ultrafeedback"
 ULTRAFEEDBACK_REPO = "csarron/argilla-ultrafeedback-binarized-preferences-cleaned"
 SPLITS = ("train", "test")
@@ -94,8 +97,7 @@ def to_pair(item: Any, where: str = "record") -> PreferencePair:
                 raise ValueError(f"{where}: 'chosen' holds only the answer and there is no string 'prompt'")
             turns = [{"role": "user", "content": prompt}]
         answers = c[-1]["content"], r[-1]["content"]
-    if turns[0]["role"] != "system":  # alignment-handbook maybe_insert_system_message
-        turns = [{"role": "system", "content": ""}] + turns
+    turns = with_system_turn(turns)  # alignment-handbook's maybe_insert_system_message
     return PreferencePair(turns, answers[0], answers[1])
 
 
@@ -104,22 +106,8 @@ def read_jsonl(path: Union[str, Path]) -> List[PreferencePair]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist; pass a .jsonl file of preference records or 'ultrafeedback'")
-    text = path.read_text(encoding="utf-8")
-    if path.suffix == ".json":
-        try:
-            items = list(enumerate(json.loads(text), 1))
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{e.lineno}: invalid JSON ({e.msg}); fix the file") from None
-        return [to_pair(item, f"{path}: record {n}") for n, item in items]
-    pairs = []
-    for n, line in enumerate(text.splitlines(), 1):
-        if line.strip():
-            try:
-                item = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{n}: invalid JSON ({e.msg}); fix the line") from None
-            pairs.append(to_pair(item, f"{path}:{n}"))
-    return pairs
+    # a .json list, anything else one record a line
+    return [to_pair(item, f"{path}:{n}") for n, item in read_json_records(path, jsonl=path.suffix != ".json")]
 
 
 def _read_parquet(path: Path) -> List[Dict[str, Any]]:
