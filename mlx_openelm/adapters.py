@@ -18,6 +18,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
+from . import kernels
 from .utils import atomic_write
 
 DEFAULT_TARGETS: Tuple[str, ...] = ("qkv_proj", "out_proj", "proj_1", "proj_2")
@@ -83,6 +84,9 @@ class _LinearAdapter(nn.Module):
     def _base_matmul(self, x: mx.array) -> mx.array:
         """``x @ W0.T`` without the bias."""
         lin = self.linear
+        y = kernels.product(lin, x)  # the CPU fast paths where they apply
+        if y is not None:
+            return y
         if isinstance(lin, nn.QuantizedLinear):
             return mx.quantized_matmul(
                 x, lin.weight, lin.scales, lin.get("biases"),
@@ -114,7 +118,7 @@ class LoRALinear(_LinearAdapter):
     """``y = W0 x + b + s * B A drop(x)`` (Hu et al. 2021)."""
 
     def __call__(self, x: mx.array) -> mx.array:
-        return self.linear(x) + self._lora(self.dropout(x))
+        return kernels.linear(self.linear, x) + self._lora(self.dropout(x))
 
     def fuse(self, dequantize: bool = False) -> nn.Module:
         """A plain layer with ``W0 + s B A``; re-quantized with the base's bits/group size

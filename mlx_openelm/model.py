@@ -52,6 +52,8 @@ class Attention(nn.Module):
 
     def __call__(self, x: mx.array, mask: Union[None, str, mx.array] = None, cache: Optional[Any] = None) -> mx.array:
         B, L, _ = x.shape
+        if _fused_attention_applies(self, x, mask, cache):
+            return self._fused(x, cache)
         qkv = kernels.linear(self.qkv_proj, x).reshape(B, L, -1, self.head_dim).transpose(0, 2, 1, 3)
         queries, keys, values = mx.split(qkv, [self.n_heads, self.n_heads + self.n_kv_heads], axis=1)
         if self.normalize_qk:
@@ -67,6 +69,42 @@ class Attention(nn.Module):
         # GQA: query head h reads kv head h // (n_heads / n_kv_heads), as CoreNet's repeat_interleave.
         out = mx.fast.scaled_dot_product_attention(queries, keys, values, scale=self.scale, mask=mask)
         return kernels.linear(self.out_proj, out.transpose(0, 2, 1, 3).reshape(B, L, -1))
+
+
+    def _fused(self, x: mx.array, cache: KVCache) -> mx.array:
+        """The same computation with the CPU kernels' one-node attention (inference with a KV cache)."""
+        B, L, _ = x.shape
+        prev = _reserve(cache, B, L, self.n_kv_heads, self.head_dim)
+        qn, kn = (self.q_norm.weight, self.k_norm.weight) if self.normalize_qk else (None, None)
+        eps = self.q_norm.eps if self.normalize_qk else 0.0
+        out, cache.keys, cache.values = kernels.cached_attention(
+            kernels.linear(self.qkv_proj, x), qn, kn, cache.keys, cache.values, prev, self.n_heads, self.n_kv_heads,
+            self.rope_base, eps, self.scale)
+        cache.offset = prev + L
+        return kernels.linear(self.out_proj, out)
+
+
+def _fused_attention_applies(attn: Attention, x: mx.array, mask, cache) -> bool:
+    causal = mask == "causal" if isinstance(mask, str) else (mask is None and x.shape[1] == 1)
+    return (type(cache) is KVCache and causal and x.dtype == mx.float32 and attn.head_dim % 16 == 0
+            and (not attn.normalize_qk or attn.q_norm.fused) and kernels.active()
+            and (cache.keys is None or (cache.keys.dtype == mx.float32 and cache.keys.shape[0] == x.shape[0])))
+
+
+def _reserve(cache: KVCache, B: int, L: int, n_kv: int, head_dim: int) -> int:
+    """Make room for ``L`` more rows in ``cache``'s buffers (grown as mlx-lm's ``KVCache`` grows them, in
+    steps of ``cache.step`` rows) as buffers of their own, which the fused attention writes into;
+    returns the offset the new rows start at."""
+    prev = cache.offset
+    if cache.keys is None or prev + L > cache.keys.shape[2]:
+        shape = (B, n_kv, (cache.step + L - 1) // cache.step * cache.step, head_dim)
+        # two separate allocations: the kernel writes into each (mx.contiguous would share one buffer)
+        keys, values = mx.zeros(shape, mx.float32), mx.zeros(shape, mx.float32)
+        if cache.keys is not None:
+            keys = mx.concatenate([cache.keys[..., :prev, :], keys], axis=2)
+            values = mx.concatenate([cache.values[..., :prev, :], values], axis=2)
+        cache.keys, cache.values = keys, values
+    return prev
 
 
 class FeedForward(nn.Module):
@@ -104,7 +142,8 @@ class OpenELMModel(nn.Module):
         self.norm = RMSNorm(args.model_dim, args.rms_norm_eps)
 
     def __call__(self, inputs: mx.array, cache: Optional[List[Any]] = None, mask=None) -> mx.array:
-        h = self.token_embeddings(inputs)
+        # the activations' dtype is the norms' (float32 on the CPU even where matrices stay float16/bfloat16)
+        h = self.token_embeddings(inputs).astype(self.norm.weight.dtype)
         if mask is None and h.shape[1] > 1:
             mask = "causal"  # aligned bottom-right, so it also holds after a cache offset
         cache = cache or [None] * len(self.layers)

@@ -36,6 +36,16 @@ def float_dtype_of(model: nn.Module) -> str:
     return "float32"
 
 
+def dtype_label(model: nn.Module) -> str:
+    """``float_dtype_of``, or ``"float32 (float16 matrices)"`` where the matrices stay in a half dtype and the
+    rest (the compute dtype) is float32 (``ComputePlan.matrices``)."""
+    mats = {m.weight.dtype for _, m in model.named_modules() if type(m) in (nn.Linear, nn.Embedding)}
+    rest = {v.dtype for k, v in tree_flatten(model.parameters()) if k.endswith("norm.weight")}
+    if len(mats) == 1 and len(rest) == 1 and mats != rest and mx.float32 in rest:
+        return f"float32 ({DTYPE_NAMES.get(mats.pop())} matrices)"
+    return float_dtype_of(model)
+
+
 def dequantized_weight(m: nn.Module, dtype=None) -> mx.array:
     """The float weight of a quantized layer (in ``dtype``, else the scales' dtype)."""
     # in the target dtype: float32 represents every quantized value scale*q+bias exactly
@@ -65,9 +75,10 @@ def dequantize(model: nn.Module, dtype=None) -> nn.Module:
     return model
 
 
-def cast_parameters(model: nn.Module, dtype) -> nn.Module:
-    """Cast float parameters one at a time, so old and new copies never coexist whole."""
-    names = [k for k, v in tree_flatten(model.parameters()) if mx.issubdtype(v.dtype, mx.floating) and v.dtype != dtype]
+def cast_parameters(model: nn.Module, dtype, skip=()) -> nn.Module:
+    """Cast float parameters (but those named in ``skip``) one at a time, so old and new copies never coexist whole."""
+    names = [k for k, v in tree_flatten(model.parameters())
+             if mx.issubdtype(v.dtype, mx.floating) and v.dtype != dtype and k not in skip]
     for k in names:
         new = dict(tree_flatten(model.parameters()))[k].astype(dtype)
         mx.eval(new)
@@ -97,11 +108,14 @@ def check_dtype(dtype: Optional[str]) -> None:
 
 @dataclass(frozen=True)
 class ComputePlan:
-    """What a stored model becomes in memory: cast to ``dtype`` (None = keep), ``dequantize`` or not."""
+    """What a stored model becomes in memory: cast to ``dtype`` (None = keep), ``dequantize`` or not;
+    ``matrices``: a dtype the weights of linear layers and the embedding keep instead (the CPU kernels
+    read float16/bfloat16 matrices with float32 activations), None = they follow ``dtype``."""
 
     dtype: Optional[str]
     dequantize: bool
     device: str
+    matrices: Optional[str] = None
 
 
 def cpu_runs_quantized(quantization: Union[bool, Dict[str, Any], None]) -> bool:
@@ -118,11 +132,14 @@ def cpu_runs_quantized(quantization: Union[bool, Dict[str, Any], None]) -> bool:
 
 
 def compute_plan(requested: Optional[str], stored_quantized: Union[bool, Dict[str, Any], None], keep_quantized: bool = False,
-                 cpu: Optional[bool] = None) -> ComputePlan:
+                 cpu: Optional[bool] = None, stored_dtype: Optional[str] = None) -> ComputePlan:
     """THE compute-dtype policy.
 
-    ``requested="auto"``: on the CPU compute in float32 (float16/bfloat16 upcast), because MLX's CPU
-    float16 matmuls are many times slower than float32 BLAS; a 4/8-bit model stays quantized
+    ``requested="auto"``: on the CPU compute in float32, because MLX's CPU float16 matmuls are many
+    times slower than float32 BLAS; where the CPU kernels are built, a float16/bfloat16 model
+    (``stored_dtype``) keeps its matrices in that dtype (half the memory and the bytes a decoding step
+    reads; the kernels convert as they stream) and only the rest (norms) becomes float32, elsewhere
+    everything is upcast; a 4/8-bit model stays quantized
     where the CPU kernels (``kernels``) are built (less memory and faster decoding; scales and
     biases become float32) and is dequantized otherwise, since MLX's own CPU quantized matmul is
     slower than float32 BLAS; ``keep_quantized`` keeps any quantization. On a GPU keep the stored
@@ -138,7 +155,12 @@ def compute_plan(requested: Optional[str], stored_quantized: Union[bool, Dict[st
         return ComputePlan(None, False, device)
     target = "float32" if (requested == "auto" and cpu) else (None if requested == "auto" else requested)
     keep = keep_quantized or cpu_runs_quantized(stored_quantized)
-    return ComputePlan(target, bool(stored_quantized and cpu and not keep), device)
+    matrices = None
+    if requested == "auto" and cpu and stored_dtype in ("float16", "bfloat16") and not stored_quantized:
+        from . import kernels
+
+        matrices = stored_dtype if kernels.available() else None
+    return ComputePlan(target, bool(stored_quantized and cpu and not keep), device, matrices)
 
 
 def apply_plan(model: nn.Module, plan: ComputePlan) -> nn.Module:
@@ -147,6 +169,9 @@ def apply_plan(model: nn.Module, plan: ComputePlan) -> nn.Module:
     if plan.dequantize:
         dequantize(model, target)
     if target is not None:
-        cast_parameters(model, target)
+        keep = set()
+        if plan.matrices:
+            keep = {f"{path}.weight" for path, m in model.named_modules() if type(m) in (nn.Linear, nn.Embedding)}
+        cast_parameters(model, target, skip=keep)
     mx.eval(model.parameters())
     return model

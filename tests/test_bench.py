@@ -50,15 +50,18 @@ def test_cli_json_has_every_field_and_writes_the_chart(tmp_path):
                 "gen_tokens", "repeats", *TIMED, "mlx_lm", "rmsnorm_ablation", "plot"):
         assert key in out, key
     assert out["blas"] == mlx_openelm._backend.BLAS
-    plan = compute_plan("auto", stored_quantized=False)  # THE device policy
-    assert out["device"] == plan.device and out["dtype"] == (plan.dtype or "float16")
+    plan = compute_plan("auto", stored_quantized=False, stored_dtype="float16")  # THE device policy
+    expect = plan.dtype or "float16"
+    if plan.matrices:  # the CPU kernels read float16 matrices, the rest computes in float32
+        expect = f"float32 ({plan.matrices} matrices)"
+    assert out["device"] == plan.device and out["dtype"] == expect
     assert out["checkpoint"]["dtype"] == "float16"
     check_run(out, 3)
 
     cmp = out["mlx_lm"]
     same, defaults = cmp["same_dtype"], cmp["defaults"]
     assert same["ours"]["dtype"] == same["mlx_lm"]["dtype"] == "float16"
-    assert defaults["ours"]["dtype"] == "float32" and defaults["mlx_lm"]["dtype"] == "float16"
+    assert defaults["ours"]["dtype"] == expect and defaults["mlx_lm"]["dtype"] == "float16"
     assert not cmp["same_dtype_is_defaults"]
     for mode in (same, defaults):
         check_run(mode["ours"], 3)
@@ -148,9 +151,10 @@ def test_as_loaded_follows_the_compute_plan(bits):
     """Random-weight runs get what ``weights.compute_plan`` (the loader's policy) decides."""
     ckpt = bench.random_model("tiny", "float16", quantize=bits, seed=2)
     for dtype in ("auto", "float16", "bfloat16", "float32"):
-        plan = compute_plan(dtype, bits is not None, keep_quantized=dtype != "auto")
+        plan = compute_plan(dtype, bits is not None, keep_quantized=dtype != "auto", stored_dtype="float16")
         got = bench.describe(bench.as_loaded(ckpt, dtype))
-        assert got["dtype"] == (plan.dtype or "float16"), dtype
+        expect = f"float32 ({plan.matrices} matrices)" if plan.matrices else (plan.dtype or "float16")
+        assert got["dtype"] == expect, dtype
         assert (got["quantization"] is None) == (bits is None or plan.dequantize), dtype
     assert bench.as_loaded(ckpt, "float16") is ckpt  # nothing to change: the same weights
 

@@ -230,3 +230,590 @@ def test_the_build_is_optional_where_it_cannot_run(tmp_path, monkeypatch):
         _build.build(tmp_path / "out")
     monkeypatch.setenv("MLX_OPENELM_BUILD_KERNELS", "0")
     assert not _build.should_build()
+
+
+# ---------------------------------------------------------------- the fused attention (kernels.cached_attention)
+
+import copy  # noqa: E402
+
+from mlx_lm.models.cache import KVCache, RotatingKVCache, make_prompt_cache, trim_prompt_cache  # noqa: E402
+
+from mlx_openelm.bench.core import random_model  # noqa: E402
+
+ROPE_BASE, EPS = 10000.0, 1e-6
+
+
+def np_cached_attention(qkv, q_norm, k_norm, k_cache, v_cache, offset, H, Hkv, base, eps, scale, f32_angles=False):
+    """The kernel's contract written out in float64 NumPy: split the rows into H query, Hkv key and
+    Hkv value heads of D; RMSNorm of q and k over D (when weights are given); RoPE "rotate halves"
+    (x[i], x[i + D/2] rotated by theta = pos * base^(-2i/D), pos = offset + l); the new rows into copies of
+    the caches; causal softmax(q . k_j * scale) over keys j <= offset + l, query head h on kv head
+    h // (H / Hkv). ``f32_angles``: theta rounded as a float32 product pos * inv_freq (as mx.fast.rope and
+    CoreNet's float32 rotary embedding compute it), everything else in float64."""
+    x = np.asarray(qkv, np.float64)
+    B, L, _ = x.shape
+    D = k_cache.shape[-1]
+    x = x.reshape(B, L, H + 2 * Hkv, D)
+    q, k, v = x[:, :, :H], x[:, :, H:H + Hkv], x[:, :, H + Hkv:]
+    if q_norm is not None:
+        q = q / np.sqrt((q * q).mean(-1, keepdims=True) + eps) * np.asarray(q_norm, np.float64)
+        k = k / np.sqrt((k * k).mean(-1, keepdims=True) + eps) * np.asarray(k_norm, np.float64)
+    half = D // 2
+    pos = np.arange(offset, offset + L, dtype=np.float64)
+    inv_freq = base ** (-2.0 * np.arange(half) / D)
+    if f32_angles:
+        theta = (pos.astype(np.float32)[:, None] * inv_freq.astype(np.float32)[None, :]).astype(np.float64)
+    else:
+        theta = pos[:, None] * inv_freq[None, :]
+    cos, sin = np.cos(theta)[None, :, None, :], np.sin(theta)[None, :, None, :]
+
+    def rope(t):
+        a, b = t[..., :half], t[..., half:]
+        return np.concatenate([a * cos - b * sin, a * sin + b * cos], axis=-1)
+
+    q, k = rope(q), rope(k)
+    K = np.array(k_cache, np.float64)
+    V = np.array(v_cache, np.float64)
+    K[:, :, offset:offset + L] = k.transpose(0, 2, 1, 3)
+    V[:, :, offset:offset + L] = v.transpose(0, 2, 1, 3)
+    S = offset + L
+    future = np.arange(S)[None, :] > (offset + np.arange(L))[:, None]  # [L, S]
+    out = np.zeros((B, L, H, D))
+    for h in range(H):
+        g = h // (H // Hkv)
+        scores = np.einsum("bld,bsd->bls", q[:, :, h], K[:, g, :S]) * scale
+        scores = np.where(future[None], -np.inf, scores)
+        p = np.exp(scores - scores.max(-1, keepdims=True))
+        p /= p.sum(-1, keepdims=True)
+        out[:, :, h] = p @ V[:, g, :S]
+    return out.reshape(B, L, H * D), K, V
+
+
+def mlx_cached_attention(qkv, q_norm, k_norm, k_cache, v_cache, offset, H, Hkv, base, eps, scale):
+    """The same with MLX's own ops, composed as the model's plain path does (second reference)."""
+    B, L, _ = qkv.shape
+    D = k_cache.shape[-1]
+    x = qkv.reshape(B, L, H + 2 * Hkv, D).transpose(0, 2, 1, 3)
+    q, k, v = mx.split(x, [H, H + Hkv], axis=1)
+    if q_norm is not None:
+        q, k = mx.fast.rms_norm(q, q_norm, eps), mx.fast.rms_norm(k, k_norm, eps)
+    q = mx.fast.rope(q, D, traditional=False, base=base, scale=1.0, offset=offset)
+    k = mx.fast.rope(k, D, traditional=False, base=base, scale=1.0, offset=offset)
+    keys = mx.concatenate([k_cache[:, :, :offset], k], axis=2)
+    values = mx.concatenate([v_cache[:, :, :offset], v], axis=2)
+    out = mx.fast.scaled_dot_product_attention(q, keys, values, scale=scale, mask="causal")
+    return out.transpose(0, 2, 1, 3).reshape(B, L, H * D), k, v
+
+
+def _attention_inputs(seed, B, L, offset, C, H, Hkv, D, norm):
+    """float32 NumPy inputs: qkv ~ N(0, 2^2) (so scores spread over several units), caches pre-filled with
+    random rows everywhere (the rows the kernel must leave alone are recognisable), norm weights ~ 1 +- 0.3."""
+    rng = np.random.default_rng(seed)
+    qkv = (2 * rng.standard_normal((B, L, (H + 2 * Hkv) * D))).astype(np.float32)
+    kc = rng.standard_normal((B, Hkv, C, D)).astype(np.float32)
+    vc = rng.standard_normal((B, Hkv, C, D)).astype(np.float32)
+    qn = (1 + 0.3 * rng.standard_normal(D)).astype(np.float32) if norm else None
+    kn = (1 + 0.3 * rng.standard_normal(D)).astype(np.float32) if norm else None
+    return qkv, qn, kn, kc, vc
+
+
+def _run_kernel(qkv, qn, kn, kc, vc, offset, H, Hkv, D):
+    """cached_attention on fresh MLX copies of the inputs (evaluated caches: buffers of their own)."""
+    k_cache, v_cache = mx.array(kc), mx.array(vc)
+    mx.eval(k_cache, v_cache)
+    out, k2, v2 = kernels.cached_attention(mx.array(qkv), None if qn is None else mx.array(qn),
+                                           None if kn is None else mx.array(kn), k_cache, v_cache, offset, H, Hkv,
+                                           ROPE_BASE, EPS, D**-0.5)
+    mx.eval(out, k2, v2)
+    return out, k2, v2, k_cache, v_cache
+
+
+# (B, L, offset, C, H, Hkv, D, qk norm): decode (L=1) and chunks (1 < L < 64: one query row per work item),
+# prefill from 0 with L >= 64 (blocks of 8 query rows; 70 and 67 leave a partial last block), a chunk of 100
+# at offset 500 (blocks of 8 after an offset); D 16 and 64; GQA ratios 1, 3, 4; B = 2 throughout but one.
+ATTENTION_CASES = {
+    "decode-gqa4-d64-norm": (2, 1, 300, 512, 8, 2, 64, True),
+    "decode-gqa1-d16": (2, 1, 37, 64, 3, 3, 16, False),
+    "decode-gqa3-d16-norm-last-row": (2, 1, 511, 512, 3, 1, 16, True),
+    "chunk-gqa3-d16-norm": (2, 49, 251, 512, 6, 2, 16, True),
+    "chunk-gqa4-d64": (2, 49, 251, 512, 4, 1, 64, False),
+    "prefill-gqa1-d64": (2, 70, 0, 128, 4, 4, 64, False),
+    "prefill-gqa3-d16-norm-full-cache": (1, 67, 0, 67, 3, 1, 16, True),
+    "prefill-gqa4-d16-norm": (2, 96, 0, 256, 8, 2, 16, True),
+    "chunk-at-500-gqa4-d64-norm": (2, 100, 500, 640, 4, 1, 64, True),
+}
+
+
+@needs_ext
+@pytest.mark.parametrize("case", list(ATTENTION_CASES))
+def test_cached_attention_matches_float64_numpy(case):
+    B, L, offset, C, H, Hkv, D, norm = ATTENTION_CASES[case]
+    qkv, qn, kn, kc, vc = _attention_inputs(len(case) * 7919 + L, B, L, offset, C, H, Hkv, D, norm)
+    out, k2, v2, k_cache, v_cache = _run_kernel(qkv, qn, kn, kc, vc, offset, H, Hkv, D)
+    assert out.shape == (B, L, H * D) and out.dtype == mx.float32
+    assert k2.shape == v2.shape == (B, Hkv, C, D)
+    new = slice(offset, offset + L)
+    # Tolerances, relative to the largest magnitude of each reference. The angles theta = pos * inv_freq are
+    # float32 in the kernel (as in mx.fast.rope); with theta rounded the same way the rest is float32 sums of
+    # at most ~600 terms of O(1) values: ~1e-6 measured at most, 5e-6 asserted.
+    ro, rk, rv = np_cached_attention(qkv, qn, kn, kc, vc, offset, H, Hkv, ROPE_BASE, EPS, D**-0.5, f32_angles=True)
+    assert rel_err(out, ro) < 5e-6
+    assert rel_err(np.array(k2)[:, :, new], rk[:, :, new]) < 5e-6
+    # Against exact float64 angles, float32's rounding of theta itself (up to ~pos * 2^-24 rad, twice: the
+    # product and inv_freq) rotates q and k by up to ~(offset + L) * 2^-23 rad, i.e. 7e-5 relative at pos 600
+    # (measured: 1.3e-5 there); the attention mixes those errors without amplifying them (softmax weights are
+    # Lipschitz in the scores with a constant <= 1, scores are O(10) here).
+    tol = 4e-6 + (offset + L) * 2.0**-23
+    ro, rk, rv = np_cached_attention(qkv, qn, kn, kc, vc, offset, H, Hkv, ROPE_BASE, EPS, D**-0.5)
+    assert rel_err(out, ro) < tol
+    assert rel_err(np.array(k2)[:, :, new], rk[:, :, new]) < tol
+    # values are copied, and every row outside [offset, offset + L) is untouched: bitwise
+    assert np.array_equal(np.array(v2), rv.astype(np.float32))
+    rest = np.ones(C, bool)
+    rest[new] = False
+    assert np.array_equal(np.array(k2)[:, :, rest], kc[:, :, rest])
+    assert np.array_equal(np.array(v2)[:, :, rest], vc[:, :, rest])
+    # functional: the inputs, still held here, keep their old rows (the kernel wrote into copies)
+    assert np.array_equal(np.array(k_cache), kc) and np.array_equal(np.array(v_cache), vc)
+
+
+@needs_ext
+@pytest.mark.parametrize("case", list(ATTENTION_CASES))
+def test_cached_attention_matches_mlx_ops(case):
+    """Second reference: mx.fast.rms_norm + mx.fast.rope + mx.fast.scaled_dot_product_attention (causal)."""
+    B, L, offset, C, H, Hkv, D, norm = ATTENTION_CASES[case]
+    qkv, qn, kn, kc, vc = _attention_inputs(len(case) * 104729 + L, B, L, offset, C, H, Hkv, D, norm)
+    ref_out, ref_k, ref_v = mlx_cached_attention(mx.array(qkv), None if qn is None else mx.array(qn),
+                                                 None if kn is None else mx.array(kn), mx.array(kc), mx.array(vc),
+                                                 offset, H, Hkv, ROPE_BASE, EPS, D**-0.5)
+    mx.eval(ref_out, ref_k, ref_v)
+    out, k2, v2, _, _ = _run_kernel(qkv, qn, kn, kc, vc, offset, H, Hkv, D)
+    new = slice(offset, offset + L)
+    # both float32, but mx.fast.rope computes its float32 angles its own way: they differ from the kernel's by
+    # up to a few float32 ulps of pos, as from exact angles (see the NumPy test): same bound (7.5e-6 measured
+    # at positions up to 600, where the bound is 7.6e-5)
+    tol = 4e-6 + (offset + L) * 2.0**-23
+    assert rel_err(out, f64(ref_out)) < tol
+    assert rel_err(np.array(k2)[:, :, new], f64(ref_k)) < tol
+    assert np.array_equal(np.array(v2)[:, :, new], np.array(ref_v))
+
+
+@needs_ext
+def test_cached_attention_bad_inputs_raise():
+    D, H, Hkv, C = 16, 4, 2, 32
+    qkv = mx.zeros((2, 3, (H + 2 * Hkv) * D))
+    kc, vc = mx.zeros((2, Hkv, C, D)), mx.zeros((2, Hkv, C, D))
+    w = mx.ones((D,))
+    mx.eval(kc, vc)
+
+    def call(qkv=qkv, qn=None, kn=None, kc=kc, vc=vc, offset=0, H=H, Hkv=Hkv):
+        return kernels.cached_attention(qkv, qn, kn, kc, vc, offset, H, Hkv, ROPE_BASE, EPS, D**-0.5)
+
+    with pytest.raises(ValueError, match="float32"):
+        call(qkv=qkv.astype(mx.float16))
+    with pytest.raises(ValueError, match="float32"):
+        call(kc=kc.astype(mx.float16), vc=vc.astype(mx.float16))
+    with pytest.raises(ValueError, match="match"):
+        call(qkv=mx.zeros((2, 3, (H + 2 * Hkv) * D + 16)))  # one head too many
+    with pytest.raises(ValueError, match="match"):
+        call(H=2)  # qkv's width says 4 query heads
+    with pytest.raises(ValueError, match="match"):
+        call(kc=mx.zeros((1, Hkv, C, D)), vc=mx.zeros((1, Hkv, C, D)))  # batch
+    with pytest.raises(ValueError, match="match"):
+        call(kc=mx.zeros((2, 1, C, D)), vc=mx.zeros((2, 1, C, D)), Hkv=2)  # kv heads
+    with pytest.raises(ValueError, match=r"\[B, Hkv, C, D\]"):
+        call(vc=mx.zeros((2, Hkv, C + 1, D)))  # k and v caches differ
+    with pytest.raises(ValueError, match=r"\[B, Hkv, C, D\]"):
+        call(qkv=qkv.reshape(6, -1))
+    with pytest.raises(ValueError, match="multiple of 16"):  # head_dim
+        kernels.cached_attention(mx.zeros((1, 1, 4 * 8)), None, None, mx.zeros((1, 1, 4, 8)), mx.zeros((1, 1, 4, 8)),
+                                 0, 2, 1, ROPE_BASE, EPS, 1.0)
+    with pytest.raises(ValueError, match="multiple"):
+        kernels.cached_attention(mx.zeros((2, 3, (3 + 4) * D)), None, None, kc, vc, 0, 3, 2, ROPE_BASE, EPS, 1.0)
+    with pytest.raises(ValueError, match="multiple"):
+        call(H=0)
+    with pytest.raises(ValueError, match="room"):
+        call(offset=C - 2)  # offset + L = C + 1
+    with pytest.raises(ValueError, match="room"):
+        call(offset=-1)
+    with pytest.raises(ValueError, match="both"):
+        call(qn=w)
+    with pytest.raises(ValueError, match="head_dim"):
+        call(qn=mx.ones((D + 1,)), kn=mx.ones((D + 1,)))
+    # rejected calls wrote nothing
+    assert not mx.any(kc).item() and not mx.any(vc).item()
+    call(offset=C - 3)  # the last rows: fine
+
+
+@needs_ext
+def test_cached_attention_copies_caches_it_cannot_write_into():
+    """Like MLX's slice update, the new rows go into the input cache's buffer only when nothing else holds it;
+    a broadcast, a strided or transposed view, a buffer still referenced elsewhere, or one array given as both
+    k and v is copied first: the result is the same and the inputs keep their contents."""
+    D, H, Hkv, C = 16, 4, 2, 32
+    qkv = mx.random.normal((2, 3, (H + 2 * Hkv) * D), key=mx.random.key(11))
+    row = mx.random.normal((1, 1, 1, D), key=mx.random.key(15))
+    big = mx.random.normal((2, Hkv, 2 * C, D), key=mx.random.key(16))
+    t = mx.random.normal((2, C, Hkv, D), key=mx.random.key(17))
+    own = mx.random.normal((2, Hkv, C, D), key=mx.random.key(18))
+    mx.eval(row, big, t, own)
+    inputs = {
+        "broadcast": mx.broadcast_to(row, (2, Hkv, C, D)),
+        "rows of a larger cache": big[:, :, :C],
+        "transposed": t.transpose(0, 2, 1, 3),
+        "held elsewhere": own,
+    }
+    before = {k: np.array(v) for k, v in inputs.items()}
+    for name, view in inputs.items():
+        for offset in (0, 7):
+            out, k2, v2 = kernels.cached_attention(qkv, None, None, view, view, offset, H, Hkv, ROPE_BASE, EPS, 0.25)
+            mx.eval(out, k2, v2)
+            dense = mx.array(before[name])
+            ro, rk, rv = np_cached_attention(np.array(qkv), None, None, before[name], before[name], offset, H, Hkv,
+                                             ROPE_BASE, EPS, 0.25)
+            assert rel_err(out, ro) < 5e-6, name
+            assert rel_err(k2, rk) < 5e-6 and np.array_equal(np.array(v2), rv.astype(np.float32)), name
+            assert np.array_equal(np.array(view), before[name]) and np.array_equal(np.array(dense), before[name])
+    assert np.array_equal(np.array(big), np.array(big))  # MLX goes on working
+
+
+# ---------------------------------------------------------------- the model with the fused attention
+
+_TINY = {}
+
+
+def tiny_f32() -> Model:
+    """``random_model("tiny", "float32")``: 4 layers, head_dim 16, 4-8 query heads on 1-2 kv heads (GQA 4)."""
+    if "m" not in _TINY:
+        _TINY["m"] = random_model("tiny", "float32", None, 0)
+    return _TINY["m"]
+
+
+def _tokens(n, seed, batch=1) -> mx.array:
+    return mx.array(np.random.default_rng(seed).integers(3, 384, size=(batch, n)))
+
+
+def _feed(model, tokens, cuts, cache=None, lazy=False):
+    """Feed ``tokens[:, cuts[i]:cuts[i+1]]`` call by call through one cache; every call's logits (evaluated
+    after each call, or all at the end with ``lazy``) and the cache."""
+    cache = make_prompt_cache(model) if cache is None else cache
+    outs = []
+    for a, b in zip(cuts[:-1], cuts[1:]):
+        outs.append(model(tokens[:, a:b], cache=cache))
+        if not lazy:
+            mx.eval(outs[-1])
+    mx.eval(outs[::-1])  # lazy: the last call's graph first, so only the graph's edges order the cache writes
+    return outs, cache
+
+
+def _close(a, b, rel=1e-5) -> bool:
+    return max_diff(a, b) <= rel * mx.abs(b).max().item()
+
+
+# a 200-token prefill, three one-token steps, then a 60-token chunk crossing KVCache's 256-row growth boundary
+CUTS = [0, 200, 201, 202, 203, 263]
+
+
+@needs_ext
+@pytest.mark.parametrize("lazy", [False, True], ids=["eval-each-call", "one-eval-at-the-end"])
+def test_model_fused_attention_matches_plain_mlx_and_a_full_forward(lazy):
+    model = tiny_f32()
+    tokens = _tokens(CUTS[-1], 1, batch=2)
+    ours, cache = _feed(model, tokens, CUTS, lazy=lazy)
+    with kernels.disabled():
+        plain, plain_cache = _feed(model, tokens, CUTS)
+        full = model(tokens)  # no cache: one causal forward of the whole sequence
+        mx.eval(full)
+    for o, p, a, b in zip(ours, plain, CUTS[:-1], CUTS[1:]):
+        assert o.shape == (2, b - a, 384)
+        assert _close(o, p)
+        assert _close(o, full[:, a:b])
+    # the caches hold the same rotated keys and values as mlx-lm's KVCache filled by the plain path
+    for c, pc in zip(cache, plain_cache):
+        # (203 rows kept + 256 when the 60-row chunk did not fit, as KVCache.update_and_fetch grows)
+        assert c.offset == pc.offset == CUTS[-1] and c.keys.shape == pc.keys.shape == (2, c.keys.shape[1], 459, 16)
+        n = CUTS[-1]
+        # (keys: RoPE angles rounded differently from mx.fast.rope's, see above; both: earlier layers' sums)
+        assert _close(c.keys[:, :, :n], pc.keys[:, :, :n]) and _close(c.values[:, :, :n], pc.values[:, :, :n])
+
+
+@needs_ext
+def test_model_fused_attention_prefill_longer_than_a_growth_step():
+    model = tiny_f32()
+    tokens = _tokens(301, 2)
+    cuts = [0, 300, 301]  # a 300-row prefill (capacity 512 at once), then one step
+    ours, cache = _feed(model, tokens, cuts)
+    with kernels.disabled():
+        plain, _ = _feed(model, tokens, cuts)
+        full = model(tokens)
+    assert cache[0].keys.shape[2] == 512
+    for o, p, a, b in zip(ours, plain, cuts[:-1], cuts[1:]):
+        assert _close(o, p) and _close(o, full[:, a:b])
+
+
+@needs_ext
+def test_generate_step_evaluating_only_the_cache_state_gives_the_plain_tokens():
+    """mlx-lm's generate_step: prefill chunks of which only ``[c.state for c in cache]`` is evaluated (the
+    logits never are), then decoding with async evaluation: same greedy tokens and log-probs as plain MLX."""
+    from mlx_lm.generate import generate_step
+
+    model = tiny_f32()
+    prompt = _tokens(300, 3)[0]
+
+    def run():
+        cache = make_prompt_cache(model)
+        steps = list(generate_step(prompt, model, max_tokens=8, prompt_cache=cache, prefill_step_size=128))
+        return [int(t) for t, _ in steps], mx.stack([lp for _, lp in steps]), cache
+
+    toks, logprobs, cache = run()
+    with kernels.disabled():
+        plain_toks, plain_logprobs, _ = run()
+    assert cache[0].offset >= 300 + 7 and toks == plain_toks
+    assert max_diff(logprobs, plain_logprobs) < 1e-4
+    # the same by hand: prefill whose logits are never evaluated, state only, then one-token steps
+    cache = make_prompt_cache(model)
+    model(prompt[None, :250], cache=cache)
+    mx.eval([c.state for c in cache])
+    model(prompt[None, 250:299], cache=cache)
+    mx.eval([c.state for c in cache])
+    y, out = prompt[299:], []
+    for _ in range(8):
+        y = mx.argmax(model(y[None], cache=cache)[0, -1:], axis=-1)
+        out.append(int(y.item()))
+    assert out == plain_toks
+
+
+@needs_ext
+def test_trimmed_cache_refed_with_other_tokens_matches_plain_mlx():
+    """Speculative decoding's pattern: feed a draft, trim the rejected part, feed other tokens (the kernel
+    overwrites the trimmed rows), here also across the 256-row growth boundary."""
+    model = tiny_f32()
+    prefix, draft1, other1, draft2, other2 = (_tokens(n, s) for n, s in ((250, 4), (10, 5), (5, 6), (4, 7), (2, 8)))
+
+    def run():
+        cache = make_prompt_cache(model)
+        outs = [model(prefix, cache=cache), model(draft1, cache=cache)]  # 250 -> 260: grows to 512 rows
+        mx.eval(outs)
+        assert trim_prompt_cache(cache, 7) == 7  # keep 3 of the 10
+        outs.append(model(other1, cache=cache))
+        mx.eval(outs)
+        trim_prompt_cache(cache, 5)  # all of other1
+        outs.append(model(draft2, cache=cache))
+        mx.eval(outs)
+        trim_prompt_cache(cache, 1)
+        outs.append(model(other2, cache=cache))
+        mx.eval(outs)
+        return outs, cache
+
+    ours, cache = run()
+    with kernels.disabled():
+        plain, _ = run()
+        full = model(mx.concatenate([prefix, draft1[:, :3], draft2[:, :3], other2], axis=1))
+        mx.eval(full)
+    assert cache[0].offset == 250 + 3 + 3 + 2
+    for o, p in zip(ours, plain):
+        assert _close(o, p)
+    assert _close(ours[-1], full[:, -2:])
+
+
+@needs_ext
+def test_caches_written_by_either_path_continue_on_the_other():
+    """A cache filled by the plain path (an array mask) continued by the kernel, and the reverse."""
+    model = tiny_f32()
+    tokens = _tokens(40, 9)
+    causal = lambda n, off: mx.arange(off + n)[None, :] <= (off + mx.arange(n))[:, None]
+
+    def run():
+        cache = make_prompt_cache(model)
+        outs = [model(tokens[:, :20], cache=cache, mask=causal(20, 0))]  # plain path (array mask)
+        outs.append(model(tokens[:, 20:30], cache=cache))  # fused where available
+        outs.append(model(tokens[:, 30:35], cache=cache, mask=causal(5, 30)))  # plain again
+        outs.append(model(tokens[:, 35:40], cache=cache))
+        mx.eval(outs)
+        return outs
+
+    ours = run()
+    with kernels.disabled():
+        plain = run()
+        full = model(tokens)
+    for o, p, (a, b) in zip(ours, plain, [(0, 20), (20, 30), (30, 35), (35, 40)]):
+        assert _close(o, p) and _close(o, full[:, a:b])
+
+
+@pytest.fixture
+def attention_calls(monkeypatch):
+    """Counts calls of kernels.cached_attention (the model calls it through the module)."""
+    calls = []
+    real = kernels.cached_attention
+
+    def counting(*args, **kwargs):
+        calls.append(args[0].shape)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(kernels, "cached_attention", counting)
+    return calls
+
+
+class _MyKVCache(KVCache):
+    pass
+
+
+@needs_ext
+def test_the_model_uses_the_fused_attention_exactly_where_it_applies(attention_calls):
+    model = tiny_f32()
+    n_layers = len(model.layers)
+    tokens = _tokens(12, 10)
+    # float32 model, mlx-lm KVCache on the CPU: one call a layer, prefill and decode alike
+    cache = make_prompt_cache(model)
+    ref = model(tokens[:, :10], cache=cache)
+    step = model(tokens[:, 10:11], cache=cache)
+    mx.eval(ref, step)
+    assert len(attention_calls) == 2 * n_layers
+    assert attention_calls[-1] == (1, 1, attention_calls[-1][2])
+    attention_calls.clear()
+
+    def uses_kernel(cache_factory, mask=None, m=model, inputs=tokens[:, :10]):
+        attention_calls.clear()
+        cache = cache_factory()
+        mx.eval(m(inputs, cache=cache, mask=mask))
+        return len(attention_calls) > 0
+
+    assert uses_kernel(lambda: make_prompt_cache(model))
+    with kernels.disabled():
+        assert not uses_kernel(lambda: make_prompt_cache(model))
+    assert not uses_kernel(lambda: None)  # no cache (training, scoring)
+    assert not uses_kernel(lambda: [_MyKVCache() for _ in model.layers])  # not mlx-lm's plain KVCache
+    assert not uses_kernel(lambda: [RotatingKVCache(max_size=64) for _ in model.layers])
+    array_mask = mx.arange(10)[None, :] <= mx.arange(10)[:, None]
+    assert not uses_kernel(lambda: make_prompt_cache(model), mask=array_mask)
+    half = random_model("tiny", "float16", None, 0)
+    assert not uses_kernel(lambda: make_prompt_cache(half), m=half)
+    # and the paths that do not use it give the same logits
+    sub = [_MyKVCache() for _ in model.layers]
+    assert _close(model(tokens[:, :10], cache=sub), ref)
+    assert _close(model(tokens[:, :10], cache=make_prompt_cache(model), mask=array_mask), ref)
+
+
+@needs_ext
+def test_a_prompt_cache_saved_and_loaded_continues_with_the_fused_attention(tmp_path):
+    from mlx_lm.models.cache import load_prompt_cache, save_prompt_cache
+
+    model = tiny_f32()
+    tokens = _tokens(9, 11)
+
+    def run():
+        cache = make_prompt_cache(model)
+        mx.eval(model(tokens[:, :6], cache=cache))
+        save_prompt_cache(str(tmp_path / "cache.safetensors"), cache)
+        loaded = load_prompt_cache(str(tmp_path / "cache.safetensors"))
+        outs = [model(tokens[:, 6:7], cache=loaded), model(tokens[:, 7:9], cache=loaded)]
+        mx.eval(outs)
+        return outs
+
+    ours = run()
+    with kernels.disabled():
+        plain = run()
+    assert all(_close(o, p) for o, p in zip(ours, plain))
+
+
+@needs_ext
+def test_a_cache_of_broadcast_views_continues_like_the_plain_path():
+    model = tiny_f32()
+    tokens = _tokens(4, 12)
+
+    def run():
+        cache = make_prompt_cache(model)
+        model(tokens, cache=cache)
+        for c in cache:  # one prompt, two samples
+            c.keys, c.values = mx.repeat(c.keys, 2, axis=0), mx.repeat(c.values, 2, axis=0)
+        out = model(mx.array([[7], [9]]), cache=cache)
+        mx.eval(out)
+        return out
+
+    ours = run()
+    with kernels.disabled():
+        plain = run()
+    assert _close(ours, plain)
+
+
+@needs_ext
+def test_a_deep_copied_cache_is_independent_of_its_original():
+    model = tiny_f32()
+    tokens = _tokens(3, 13)
+
+    def run():
+        cache = make_prompt_cache(model)
+        mx.eval(model(tokens, cache=cache))
+        fork = copy.deepcopy(cache)  # a stored prompt cache handed out for a request sharing a prefix
+        trim_prompt_cache(fork, 1)
+        mx.eval(model(mx.array([[42]]), cache=fork))  # writes row 2 of the shared buffer
+        out = model(mx.array([[7]]), cache=cache)  # the stored entry reused: must still see tokens[2] at row 2
+        mx.eval(out)
+        return out
+
+    ours = run()
+    with kernels.disabled():
+        plain = run()
+    assert _close(ours, plain)
+
+
+@needs_ext
+def test_decoding_writes_the_cache_in_place_without_copies():
+    """Each step hands the last step's cache arrays back in and nothing else holds them, so the new rows
+    go into the same buffers (a copy per layer and step would cost the whole cache's bytes every token)."""
+    from mlx_openelm.generate.stream import generate_step
+
+    model = tiny_f32()
+    prompt = mx.array(np.random.default_rng(3).integers(0, model.args.vocab_size, 300).tolist())
+    before = kernels.cache_copies()
+    tokens = [t for t, _ in generate_step(prompt, model, max_tokens=20, prefill_step_size=128)]
+    assert len(tokens) == 20 and kernels.cache_copies() == before
+
+
+# ---------------------------------------------------------------- float16 / bfloat16 matrices
+
+
+@needs_ext
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+@pytest.mark.parametrize("rows,K,N", [(1, 1280, 1536), (1, 100, 37), (3, 256, 200), (8, 64, 64)])
+def test_half_gemv_matches_float64(dtype, rows, K, N):
+    """float32 x times float16/bfloat16 w, against the float64 product of the same (exactly widened) values."""
+    rng = np.random.default_rng(rows * K + N)
+    w = mx.array(rng.standard_normal((N, K)).astype(np.float32)).astype(getattr(mx, dtype))
+    x = mx.array(rng.standard_normal((2, rows, K)).astype(np.float32)) if rows > 1 else mx.array(
+        rng.standard_normal((1, K)).astype(np.float32))
+    y = kernels.gemv(x, w)
+    ref = f64(x) @ f64(w.astype(mx.float32)).T
+    assert y.dtype == mx.float32 and rel_err(y, ref) < 1e-5
+
+
+@needs_ext
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_to_float32_is_exact(dtype):
+    w = (mx.random.normal((257, 300), key=mx.random.key(5)) * 100).astype(getattr(mx, dtype))
+    assert np.array_equal(np.array(kernels.to_float32(w)), np.array(w.astype(mx.float32)))
+
+
+@needs_ext
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_cpu_policy_keeps_half_matrices_and_computes_in_float32(dtype):
+    """A float16/bfloat16 model loaded with dtype="auto" on the CPU keeps its Linear/Embedding weights in that
+    dtype (half the bytes a decoding step reads), the norms and activations float32; its logits are those of
+    the float32 upcast of the same weights (the widening is exact) for 1 row (gemv) and many (to_float32 + BLAS)."""
+    from mlx_openelm.bench import core as bench
+    from mlx.utils import tree_flatten
+
+    plan = compute_plan("auto", False, stored_dtype=dtype, cpu=True)
+    assert plan.dtype == "float32" and plan.matrices == dtype
+    assert compute_plan("auto", False, stored_dtype="float32", cpu=True).matrices is None
+    ckpt = bench.random_model("tiny", dtype, None, 0)
+    ours = bench.as_loaded(ckpt, "auto")
+    params = dict(tree_flatten(ours.parameters()))
+    assert params["transformer.token_embeddings.weight"].dtype == getattr(mx, dtype)
+    assert params["transformer.layers.0.ffn.proj_1.weight"].dtype == getattr(mx, dtype)
+    assert params["transformer.norm.weight"].dtype == mx.float32
+    upcast = bench.as_loaded(ckpt, "float32")
+    ids = mx.array([[5, 17, 99, 3, 250, 7, 7, 300, 12, 44]])
+    for part in (ids, ids[:, :1]):
+        a, b = ours(part), upcast(part)
+        assert a.dtype == mx.float32 and rel_err(a, f64(b)) < 1e-5

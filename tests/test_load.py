@@ -22,7 +22,7 @@ from mlx_openelm.io.convert import convert
 from mlx_openelm.io.folder import export_hf, save_model
 from mlx_openelm.io.load import load, load_model, resolve_model_path
 from mlx_openelm.tokenizer import CHAT_TEMPLATE, Tokenizer
-from mlx_openelm.weights import compute_plan
+from mlx_openelm.weights import DTYPE_NAMES, compute_plan
 
 def float_dtypes(model) -> set:
     return {v.dtype for _, v in tree_flatten(model.parameters()) if mx.issubdtype(v.dtype, mx.floating)}
@@ -42,11 +42,13 @@ def test_load_returns_model_and_tokenizer(converted):
     assert isinstance(tok, Tokenizer) and tok.chat_template == CHAT_TEMPLATE
     assert tok.encode("the cat") == Tokenizer(folder).encode("the cat")
     info = m.compute_info
-    plan = compute_plan("auto", stored_quantized=False)  # THE device policy (float32 on a CPU)
+    plan = compute_plan("auto", stored_quantized=False, stored_dtype="float16")  # THE device policy
     expected = plan.dtype or "float16"
-    assert (info["device"], info["dtype"], info["stored_dtype"], info["quantized"]) == (plan.device, expected, "float16", None)
+    label = f"float32 ({plan.matrices} matrices)" if plan.matrices else expected
+    assert (info["device"], info["dtype"], info["stored_dtype"], info["quantized"]) == (plan.device, label, "float16", None)
     assert "blas" in info and "compute_info" not in dict(tree_flatten(m.parameters()))
-    assert float_dtypes(m) == {getattr(mx, expected)}
+    # on a CPU with the kernels: float16 matrices (half the bytes per token), float32 norms and activations
+    assert float_dtypes(m) == {getattr(mx, expected)} | ({getattr(mx, plan.matrices)} if plan.matrices else set())
     ref = logits(model)
     assert max_diff(logits(m), ref) < 2e-2 * mx.abs(ref).max().item()
 
@@ -146,7 +148,9 @@ def test_export_hf_round_trip(converted, tmp_path, sp_model_path):
     for key, value in hf_config(args).items():
         if key not in ("ffn_multipliers", "torch_dtype"):
             assert config[key] == value, key
-    assert config["torch_dtype"] == "float32" and len(config["ffn_multipliers"]) == args.num_transformer_layers
+    # the matrices' dtype (float16 kept where the CPU kernels read it, else upcast to float32)
+    assert config["torch_dtype"] == DTYPE_NAMES[m.transformer.token_embeddings.weight.dtype]
+    assert len(config["ffn_multipliers"]) == args.num_transformer_layers
     weights = mx.load(str(hf / "model.safetensors"))
     assert all(k.startswith("transformer.") for k in weights)
     again = convert(str(hf), tmp_path / "again", dtype="float32", tokenizer=str(sp_model_path))

@@ -41,7 +41,8 @@ from mlx.utils import tree_flatten, tree_unflatten
 from ..config import ModelArgs
 from ..model import Model, RMSNorm, init_weights
 from ..utils import atomic_write, first_line
-from ..weights import DTYPES, QUANTIZED, apply_plan, compute_plan, device_is_cpu, float_dtype_of, quantization_of
+from ..weights import (DTYPES, QUANTIZED, apply_plan, compute_plan, device_is_cpu, dtype_label, float_dtype_of,
+                       quantization_of)
 from ..weights import quantize_model as _quantize
 
 # A shape for tests and quick checks; dimensions are multiples of 64 so 4/8-bit quantization applies.
@@ -139,7 +140,8 @@ def as_loaded(checkpoint: Model, dtype: str = "auto") -> Model:
     """Our model for ``checkpoint`` as ``io.load.load_model(folder, dtype, keep_quantized=dtype != "auto")``
     makes it from a folder holding ``checkpoint`` (same policy function: ``weights.compute_plan``);
     ``checkpoint`` itself when nothing changes."""
-    plan = compute_plan(dtype, quantization_of(checkpoint) is not None, keep_quantized=dtype != "auto")
+    plan = compute_plan(dtype, quantization_of(checkpoint) is not None, keep_quantized=dtype != "auto",
+                        stored_dtype=float_dtype_of(checkpoint))
     if not plan.dequantize and (plan.dtype is None or plan.dtype == float_dtype_of(checkpoint)):
         return checkpoint
     return apply_plan(share_weights(checkpoint, Model(checkpoint.args)), plan)
@@ -156,7 +158,7 @@ def set_fused_norms(model: nn.Module, fused: bool) -> int:
 def describe(model: nn.Module) -> Dict[str, Any]:
     """dtype, quantization and weight size of a model."""
     nbytes = sum(v.nbytes for _, v in tree_flatten(model.parameters()))
-    return {"dtype": float_dtype_of(model), "quantization": quantization_of(model), "weights_gb": nbytes / 1e9}
+    return {"dtype": dtype_label(model), "quantization": quantization_of(model), "weights_gb": nbytes / 1e9}
 
 
 class TokenIds:

@@ -14,7 +14,7 @@ from .. import kernels
 from ..config import ModelArgs
 from ..model import Model
 from ..utils import first_line
-from ..weights import apply_plan, check_dtype, compute_plan, float_dtype_of, quantization_of
+from ..weights import apply_plan, check_dtype, compute_plan, dtype_label, float_dtype_of, quantization_of
 from .folder import has_tokenizer, is_ready, read_config, weight_files
 from .hub import cache_dir, download, is_repo_id
 
@@ -69,12 +69,12 @@ def load_model(folder: Path, dtype: Optional[str] = "auto", keep_quantized: bool
     stored_quant = quantization_of(model)
     stored_dtype = float_dtype_of(model)
 
-    plan = compute_plan(dtype, stored_quant, keep_quantized)
+    plan = compute_plan(dtype, stored_quant, keep_quantized, stored_dtype=stored_dtype)
     apply_plan(model, plan)
     quant_now = quantization_of(model)
     info = {
         "device": plan.device,
-        "dtype": float_dtype_of(model),
+        "dtype": dtype_label(model),
         "stored_dtype": stored_dtype,
         "quantized": quant_now,
         "stored_quantization": stored_quant,

@@ -19,13 +19,14 @@ from __future__ import annotations
 import os
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Tuple
 
 import mlx.core as mx
 import mlx.nn as nn
 
 MAX_ROWS = 8  # up to this many rows of activations the extension streams each weight once
 QUANT_BITS = (4, 8)
+FLOAT_WEIGHTS = (mx.float32, mx.bfloat16, mx.float16)  # weight dtypes gemv reads (activations float32)
 
 _lib = None
 _STATUS = "not loaded"
@@ -71,8 +72,8 @@ def describe() -> str:
         return "MLX (GPU)"
     if _lib is None:
         return f"MLX built-in (CPU fast path {_STATUS})"
-    return (f"mlx_openelm CPU kernels for <= {MAX_ROWS} rows (float32, 4/8-bit; {_lib.num_threads()} threads), "
-            "MLX/BLAS otherwise")
+    return (f"mlx_openelm CPU kernels: products of <= {MAX_ROWS} rows (float32/bfloat16/float16 or 4/8-bit weights, "
+            f"{_lib.num_threads()} threads), cached attention; MLX/BLAS otherwise")
 
 
 @contextmanager
@@ -103,7 +104,7 @@ def build_in_place() -> Path:
 
 
 def gemv(x: mx.array, w: mx.array) -> mx.array:
-    """``x[..., K] @ w[N, K].T`` (float32) with the extension."""
+    """``x[..., K] @ w[N, K].T`` (x float32; w float32, bfloat16 or float16) with the extension."""
     if _lib is None:
         raise RuntimeError(f"the CPU kernels are {_STATUS}")
     return _lib.gemv(x, w)
@@ -121,6 +122,35 @@ def dequantize(w: mx.array, scales: mx.array, biases: mx.array, group_size: int,
     if _lib is None:
         raise RuntimeError(f"the CPU kernels are {_STATUS}")
     return _lib.dequantize(w, scales, biases, group_size, bits)
+
+
+def cached_attention(qkv: mx.array, q_norm: Optional[mx.array], k_norm: Optional[mx.array], k_cache: mx.array,
+                     v_cache: mx.array, offset: int, n_heads: int, n_kv_heads: int, rope_base: float, eps: float,
+                     scale: float) -> Tuple[mx.array, mx.array, mx.array]:
+    """OpenELM attention after the fused qkv projection (``qkv[B, L, (H + 2 Hkv) D]``): RMSNorm of q and k
+    over the head (``q_norm``/``k_norm`` weights, or None for none), RoPE at positions ``offset + l``, the
+    new keys and values written **in place** into ``k_cache``/``v_cache`` (``[B, Hkv, C, D]`` float32,
+    evaluated, row-contiguous, owned by the caller) at rows ``[offset, offset + L)``, then causal softmax
+    attention of each query head over its kv head's rows ``[0, offset + l]``. Returns the attention
+    ``[B, L, H D]`` and the two caches as new arrays sharing the buffers: store those back, so that what reads
+    the cache later depends on this node (MLX's graph does not see in-place writes)."""
+    if _lib is None:
+        raise RuntimeError(f"the CPU kernels are {_STATUS}")
+    return _lib.cached_attention(qkv, q_norm, k_norm, k_cache, v_cache, int(offset), int(n_heads), int(n_kv_heads),
+                                 float(rope_base), float(eps), float(scale))
+
+
+def cache_copies() -> int:
+    """How many times ``cached_attention`` had to copy a cache rather than write into its buffer (a cache
+    still referenced elsewhere, a view); decoding with an mlx-lm ``KVCache`` should add none."""
+    return _lib.cache_copies() if _lib is not None else 0
+
+
+def to_float32(w: mx.array) -> mx.array:
+    """float16/bfloat16 -> float32 with the extension (multi-threaded; MLX's CPU ``astype`` is ~0.4 G values/s)."""
+    if _lib is None:
+        raise RuntimeError(f"the CPU kernels are {_STATUS}")
+    return _lib.to_float32(w)
 
 
 def _rows(x: mx.array) -> int:
@@ -141,8 +171,12 @@ def product(m: nn.Module, x: mx.array) -> Optional[mx.array]:
     t = type(m)
     small = _rows(x) <= MAX_ROWS
     if t in (nn.Linear, nn.Embedding):
-        if small and _lib is not None and m.weight.dtype == mx.float32:
+        if _lib is None or m.weight.dtype not in FLOAT_WEIGHTS:
+            return None
+        if small:
             return _lib.gemv(x, m.weight)
+        if m.weight.dtype != mx.float32:  # half weights kept on the CPU: float32 copy, then BLAS
+            return x @ _lib.to_float32(m.weight).T
         return None
     if t in (nn.QuantizedLinear, nn.QuantizedEmbedding):
         if small:

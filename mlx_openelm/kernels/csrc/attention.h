@@ -1,0 +1,301 @@
+// Fused OpenELM attention for inference with a KV cache (included by kernels.cpp, inside its
+// anonymous namespace, after the thread pool and the vector helpers).
+//
+// One primitive replaces the ~20 graph nodes between the qkv projection and out_proj: split of the
+// fused projection into heads, RMSNorm of q and k over head_dim, RoPE (non-traditional: the two
+// halves of a head rotate together), the cache write, causal softmax(q k^T * scale) v with grouped
+// query heads (query head h reads kv head h / (H / Hkv)), and the [B, L, H * D] layout out_proj
+// reads. On a 2-core CPU MLX spends more time dispatching those small nodes than computing them,
+// and its CPU SDPA fallback materialises the scores of every head (15-85 ms a layer for a
+// 512-token prompt); here each query row's scores live in a per-thread buffer.
+//
+// Three nodes: two CacheWrite (the caches k_cache/v_cache [B, Hkv, C, D] with rows [offset, offset + L)
+// replaced by the new keys and values, returned for the caller to store back into its cache, an
+// mlx-lm KVCache whose capacity it reserved) and CachedAttention reading them.
+
+// exp(x) for 16 floats (Cephes' expf: 2^n * p(r), |relative error| < 2e-7 over the float range).
+inline v16f exp16(v16f x) {
+  const v16f hi = v16f{} + 88.3762626647949f, lo = v16f{} - 87.3365447504019f;
+  x = x < hi ? x : hi;
+  x = x > lo ? x : lo;
+  v16f fx = x * 1.44269504088896341f + 0.5f;
+  v16i n = __builtin_convertvector(fx, v16i);
+  v16f fn = __builtin_convertvector(n, v16f);
+  n = fn > fx ? n - 1 : n;  // floor
+  fn = __builtin_convertvector(n, v16f);
+  x = x - fn * 0.693359375f + fn * 2.12194440e-4f;
+  v16f z = x * x;
+  v16f y = ((((1.9875691500E-4f * x + 1.3981999507E-3f) * x + 8.3334519073E-3f) * x + 4.1665795894E-2f) * x +
+            1.6666665459E-1f) * x + 5.0000001201E-1f;
+  y = y * z + x + 1.0f;
+  v16i e = (n + 127) << 23;
+  v16f scale;
+  std::memcpy(&scale, &e, sizeof(scale));
+  return y * scale;
+}
+
+inline float hmax16(v16f v) {
+  float m = v[0];
+  for (int i = 1; i < 16; ++i) m = v[i] > m ? v[i] : m;
+  return m;
+}
+
+// In place: x[D] <- RMSNorm(x) * w (w may be null: no norm), then RoPE at the given cos/sin (D/2 each).
+inline void norm_rope(float* x, const float* w, float eps, const float* cs, const float* sn, int D) {
+  if (w != nullptr) {
+    float ss = 0.f;
+    for (int d = 0; d < D; ++d) ss += x[d] * x[d];
+    const float r = 1.0f / std::sqrt(ss / D + eps);
+    for (int d = 0; d < D; ++d) x[d] = x[d] * r * w[d];
+  }
+  const int h = D / 2;
+  for (int i = 0; i < h; ++i) {
+    const float a = x[i], b = x[i + h];
+    x[i] = a * cs[i] - b * sn[i];
+    x[i + h] = a * sn[i] + b * cs[i];
+  }
+}
+
+struct AttnShape {
+  int64_t B, L, H, Hkv, D, C, offset;
+  float eps, scale;
+  bool qk_norm;
+};
+
+// Queries of kv head `g` (rep = H / Hkv of them), query row l of batch b: causal softmax over the
+// keys [0, offset + l], weighted sum of the values, into out[b, l, h * D].
+inline void attend_rows(const AttnShape& s, const float* q, const float* kc, const float* vc, float* out, int64_t b,
+                        int64_t g, int64_t l0, int64_t l1, std::vector<float>& scratch) {
+  const int64_t rep = s.H / s.Hkv, D = s.D, nv = D / 16;
+  const float* kb = kc + (b * s.Hkv + g) * s.C * D;
+  const float* vb = vc + (b * s.Hkv + g) * s.C * D;
+  for (int64_t l = l0; l < l1; ++l) {
+    const int64_t S = s.offset + l + 1;  // keys this row sees
+    const int64_t Sp = (S + 15) / 16 * 16;
+    scratch.resize(rep * Sp);
+    const float* qr = q + ((b * s.L + l) * s.H + g * rep) * D;  // rep query heads, contiguous
+    // scores
+    for (int64_t j = 0; j < S; ++j) {
+      const float* kj = kb + j * D;
+      for (int64_t r = 0; r < rep; ++r) {
+        const float* qh = qr + r * D;
+        v16f acc = load16(qh) * load16(kj);
+        for (int64_t c = 1; c < nv; ++c) acc += load16(qh + 16 * c) * load16(kj + 16 * c);
+        scratch[r * Sp + j] = hsum16(acc) * s.scale;
+      }
+    }
+    float inv[64];
+    float* outr = out + (b * s.L + l) * s.H * D + g * rep * D;
+    for (int64_t r = 0; r < rep; ++r) {
+      float* sc = scratch.data() + r * Sp;
+      for (int64_t j = S; j < Sp; ++j) sc[j] = -INFINITY;
+      v16f mv = load16(sc);
+      for (int64_t j = 16; j < Sp; j += 16) {
+        v16f t = load16(sc + j);
+        mv = t > mv ? t : mv;
+      }
+      const float m = hmax16(mv);
+      v16f sum{};
+      for (int64_t j = 0; j < Sp; j += 16) {
+        v16f e = exp16(load16(sc + j) - m);
+        e = load16(sc + j) == -INFINITY ? v16f{} : e;
+        std::memcpy(sc + j, &e, sizeof(e));
+        sum += e;
+      }
+      inv[r % 64] = 1.0f / hsum16(sum);
+      float* o = outr + r * D;
+      for (int64_t d = 0; d < D; ++d) o[d] = 0.f;
+    }
+    // values: out_r += p_r[j] * v[j]
+    for (int64_t j = 0; j < S; ++j) {
+      const float* vj = vb + j * D;
+      for (int64_t r = 0; r < rep; ++r) {
+        const float p = scratch[r * Sp + j];
+        float* o = outr + r * D;
+        for (int64_t c = 0; c < nv; ++c) {
+          v16f ov = load16(o + 16 * c) + p * load16(vj + 16 * c);
+          std::memcpy(o + 16 * c, &ov, sizeof(ov));
+        }
+      }
+    }
+    for (int64_t r = 0; r < rep; ++r) {
+      float* o = outr + r * D;
+      const float iv = inv[r % 64];
+      for (int64_t d = 0; d < D; ++d) o[d] *= iv;
+    }
+  }
+}
+
+std::atomic<int64_t> g_cache_copies{0};  // how often a cache had to be copied (tests: not while decoding)
+
+struct StridedView {
+  const float* p;
+  int64_t st[4];
+};
+
+// dst [B, Hkv, C, D] (contiguous) <- a cache of any layout (strides, broadcasts)
+inline void copy_rows(const StridedView& v, float* dst, const AttnShape& s) {
+  for (int64_t b = 0; b < s.B; ++b)
+    for (int64_t g = 0; g < s.Hkv; ++g)
+      for (int64_t c = 0; c < s.C; ++c) {
+        const float* src = v.p + b * v.st[0] + g * v.st[1] + c * v.st[2];
+        float* d = dst + ((b * s.Hkv + g) * s.C + c) * s.D;
+        if (v.st[3] == 1)
+          std::memcpy(d, src, s.D * sizeof(float));
+        else
+          for (int64_t i = 0; i < s.D; ++i) d[i] = src[i * v.st[3]];
+      }
+}
+
+// cos/sin of theta = pos * base^(-2i/D) (as mx.fast.rope: a float32 product) for the L new positions.
+inline void rope_tables(const AttnShape& s, float base, std::vector<float>& cs, std::vector<float>& sn) {
+  const int64_t h = s.D / 2;
+  cs.resize(s.L * h);
+  sn.resize(s.L * h);
+  for (int64_t i = 0; i < h; ++i) {
+    const float invf = (float)std::pow((double)base, -2.0 * (double)i / (double)s.D);
+    for (int64_t l = 0; l < s.L; ++l) {
+      const float th = (float)(s.offset + l) * invf;
+      cs[l * h + i] = std::cos(th);
+      sn[l * h + i] = std::sin(th);
+    }
+  }
+}
+
+// The cache with rows [offset, offset + L) replaced by the new keys (first = H: RMSNorm + RoPE) or
+// values (first = H + Hkv: copied). Like MLX's slice update, the input buffer is reused when nothing
+// else holds it (the usual case: each step passes the last step's output back in), else copied.
+class CacheWrite : public mx::UnaryPrimitive {
+ public:
+  CacheWrite(mx::Stream st, AttnShape s, float base, bool keys) : mx::UnaryPrimitive(st), s_(s), base_(base), keys_(keys) {}
+
+  void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override {
+    const mx::array& cache = inputs[0];
+    const mx::array& qkv = inputs[1];
+    const mx::array& norm = inputs[2];
+    const bool copy = !(cache.is_donatable() && cache.flags().row_contiguous && cache.data_size() == cache.size());
+    if (copy) {
+      out.set_data(mx::allocator::malloc(out.nbytes()));
+      g_cache_copies.fetch_add(1, std::memory_order_relaxed);
+    } else {
+      out.copy_shared_buffer(cache);
+    }
+    auto& enc = mx::cpu::get_command_encoder(stream());
+    for (const auto& a : inputs) enc.set_input_array(a);
+    enc.set_output_array(out);
+    const auto& st = cache.strides();
+    std::optional<StridedView> src;
+    if (copy) src = StridedView{cache.data<float>(), {st[0], st[1], st[2], st[3]}};
+    enc.dispatch([s = s_, base = base_, keys = keys_, xp = qkv.data<float>(), np = norm.data<float>(),
+                  op = out.data<float>(), src]() {
+      if (src) copy_rows(*src, op, s);
+      const int64_t D = s.D, h = D / 2, W = (s.H + 2 * s.Hkv) * D, first = keys ? s.H : s.H + s.Hkv;
+      std::vector<float> cs, sn;
+      if (keys) rope_tables(s, base, cs, sn);
+      for (int64_t b = 0; b < s.B; ++b)
+        for (int64_t l = 0; l < s.L; ++l)
+          for (int64_t g = 0; g < s.Hkv; ++g) {
+            float* d = op + ((b * s.Hkv + g) * s.C + s.offset + l) * D;
+            std::memcpy(d, xp + (b * s.L + l) * W + (first + g) * D, D * sizeof(float));
+            if (keys) norm_rope(d, s.qk_norm ? np : nullptr, s.eps, cs.data() + l * h, sn.data() + l * h, (int)D);
+          }
+    });
+  }
+  void eval_gpu(const std::vector<mx::array>&, mx::array&) override {
+    throw std::runtime_error("mlx_openelm.kernels.cached_attention runs on the CPU only");
+  }
+  const char* name() const override { return "OpenELMCacheWrite"; }
+  bool is_equivalent(const mx::Primitive&) const override { return false; }
+  std::vector<mx::Shape> output_shapes(const std::vector<mx::array>& inputs) override { return {inputs[0].shape()}; }
+
+ private:
+  AttnShape s_;
+  float base_;
+  bool keys_;
+};
+
+// Causal attention of the L new query rows (RMSNorm + RoPE applied here) over caches that already
+// hold the new keys and values (CacheWrite's outputs).
+class CachedAttention : public mx::UnaryPrimitive {
+ public:
+  CachedAttention(mx::Stream st, AttnShape s, float base) : mx::UnaryPrimitive(st), s_(s), base_(base) {}
+
+  void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override {
+    const mx::array& qkv = inputs[0];
+    const mx::array& qn = inputs[1];
+    const mx::array& kc = inputs[2];
+    const mx::array& vc = inputs[3];
+    out.set_data(mx::allocator::malloc(out.nbytes()));
+    auto& enc = mx::cpu::get_command_encoder(stream());
+    for (const auto& a : inputs) enc.set_input_array(a);
+    enc.set_output_array(out);
+    enc.dispatch([s = s_, base = base_, xp = qkv.data<float>(), qnp = qn.data<float>(), kp = kc.data<float>(),
+                  vp = vc.data<float>(), op = out.data<float>()]() {
+      const int64_t D = s.D, h = D / 2, W = (s.H + 2 * s.Hkv) * D;
+      std::vector<float> cs, sn;
+      rope_tables(s, base, cs, sn);
+      std::vector<float> q(s.B * s.L * s.H * D);
+      for (int64_t b = 0; b < s.B; ++b)
+        for (int64_t l = 0; l < s.L; ++l)
+          for (int64_t hh = 0; hh < s.H; ++hh) {
+            float* qd = q.data() + ((b * s.L + l) * s.H + hh) * D;
+            std::memcpy(qd, xp + (b * s.L + l) * W + hh * D, D * sizeof(float));
+            norm_rope(qd, s.qk_norm ? qnp : nullptr, s.eps, cs.data() + l * h, sn.data() + l * h, (int)D);
+          }
+      // work items (batch, kv head, block of query rows); later rows see more keys: those go first
+      const int64_t blk = s.L >= 64 ? 8 : 1;
+      const int64_t nblk = (s.L + blk - 1) / blk, items = s.B * s.Hkv * nblk;
+      std::function<void(int64_t)> job = [&](int64_t it) {
+        thread_local std::vector<float> scratch;
+        const int64_t i = items - 1 - it;
+        const int64_t lb = i % nblk, g = (i / nblk) % s.Hkv, b = i / (nblk * s.Hkv);
+        attend_rows(s, q.data(), kp, vp, op, b, g, lb * blk, std::min(s.L, (lb + 1) * blk), scratch);
+      };
+      pool().run(items, job);
+    });
+  }
+  void eval_gpu(const std::vector<mx::array>&, mx::array&) override {
+    throw std::runtime_error("mlx_openelm.kernels.cached_attention runs on the CPU only");
+  }
+  const char* name() const override { return "OpenELMCachedAttention"; }
+  bool is_equivalent(const mx::Primitive&) const override { return false; }
+  std::vector<mx::Shape> output_shapes(const std::vector<mx::array>&) override {
+    return {{(int)s_.B, (int)s_.L, (int)(s_.H * s_.D)}};
+  }
+
+ private:
+  AttnShape s_;
+  float base_;
+};
+
+std::vector<mx::array> cached_attention(const mx::array& qkv, const std::optional<mx::array>& q_norm,
+                           const std::optional<mx::array>& k_norm, const mx::array& k_cache, const mx::array& v_cache,
+                           int offset, int n_heads, int n_kv_heads, float rope_base, float eps, float scale,
+                           mx::StreamOrDevice st_) {
+  auto st = cpu_stream(st_);
+  if (qkv.dtype() != mx::float32 || k_cache.dtype() != mx::float32 || v_cache.dtype() != mx::float32)
+    throw std::invalid_argument("cached_attention: qkv and the caches must be float32");
+  if (qkv.ndim() != 3 || k_cache.ndim() != 4 || v_cache.shape() != k_cache.shape())
+    throw std::invalid_argument("cached_attention: qkv must be [B, L, W] and the caches [B, Hkv, C, D]");
+  if (n_heads <= 0 || n_kv_heads <= 0 || n_heads % n_kv_heads != 0 || n_heads / n_kv_heads > 64)
+    throw std::invalid_argument("cached_attention: n_heads must be a multiple of n_kv_heads (at most 64 times)");
+  const int B = qkv.shape(0), L = qkv.shape(1), D = k_cache.shape(3), C = k_cache.shape(2);
+  if (D % 16 != 0) throw std::invalid_argument("cached_attention: head_dim must be a multiple of 16");
+  if (k_cache.shape(0) != B || k_cache.shape(1) != n_kv_heads || qkv.shape(2) != (n_heads + 2 * n_kv_heads) * D)
+    throw std::invalid_argument("cached_attention: shapes of qkv and the caches do not match");
+  if (offset < 0 || offset + L > C) throw std::invalid_argument("cached_attention: the cache has no room for L rows");
+  const bool norm = q_norm.has_value();
+  if (norm != k_norm.has_value()) throw std::invalid_argument("cached_attention: give both q_norm and k_norm or neither");
+  AttnShape s{B, L, n_heads, n_kv_heads, D, C, offset, eps, scale, norm};
+  auto c = [&](const mx::array& a) { return mx::contiguous(a, false, st); };
+  mx::array empty = mx::zeros({D}, mx::float32, st);
+  mx::array qn = norm ? mx::astype(c(*q_norm), mx::float32, st) : empty;
+  mx::array kn = norm ? mx::astype(c(*k_norm), mx::float32, st) : empty;
+  if (qn.size() != (size_t)D || kn.size() != (size_t)D)
+    throw std::invalid_argument("cached_attention: q_norm and k_norm must have head_dim values");
+  mx::array x = c(qkv);
+  mx::array k2(k_cache.shape(), mx::float32, std::make_shared<CacheWrite>(st, s, rope_base, true), {k_cache, x, kn});
+  mx::array v2(v_cache.shape(), mx::float32, std::make_shared<CacheWrite>(st, s, rope_base, false), {v_cache, x, kn});
+  mx::array out({B, L, n_heads * D}, mx::float32, std::make_shared<CachedAttention>(st, s, rope_base), {x, qn, k2, v2});
+  return {out, k2, v2};
+}
