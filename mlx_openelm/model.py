@@ -73,21 +73,24 @@ class Attention(nn.Module):
 
     def _fused(self, x: mx.array, cache: KVCache) -> mx.array:
         """The same computation with the CPU kernels' one-node attention (inference with a KV cache)."""
-        B, L, _ = x.shape
+        return kernels.linear(self.out_proj, self.attend_cached(kernels.linear(self.qkv_proj, x), cache))
+
+    def attend_cached(self, qkv: mx.array, cache: KVCache) -> mx.array:
+        """From the fused projection's output to out_proj's input, with the CPU kernels (see ``_fused``)."""
+        B, L, _ = qkv.shape
         prev = _reserve(cache, B, L, self.n_kv_heads, self.head_dim)
         qn, kn = (self.q_norm.weight, self.k_norm.weight) if self.normalize_qk else (None, None)
         eps = self.q_norm.eps if self.normalize_qk else 0.0
         out, cache.keys, cache.values = kernels.cached_attention(
-            kernels.linear(self.qkv_proj, x), qn, kn, cache.keys, cache.values, prev, self.n_heads, self.n_kv_heads,
-            self.rope_base, eps, self.scale)
+            qkv, qn, kn, cache.keys, cache.values, prev, self.n_heads, self.n_kv_heads, self.rope_base, eps, self.scale)
         cache.offset = prev + L
-        return kernels.linear(self.out_proj, out)
+        return out
 
 
 def _fused_attention_applies(attn: Attention, x: mx.array, mask, cache) -> bool:
     causal = mask == "causal" if isinstance(mask, str) else (mask is None and x.shape[1] == 1)
     return (type(cache) is KVCache and causal and x.dtype == mx.float32 and attn.head_dim % 16 == 0
-            and (not attn.normalize_qk or attn.q_norm.fused) and kernels.active()
+            and (not attn.normalize_qk or attn.q_norm.fused) and kernels.fusion_on()
             and (cache.keys is None or (cache.keys.dtype == mx.float32 and cache.keys.shape[0] == x.shape[0])))
 
 
@@ -130,8 +133,26 @@ class TransformerBlock(nn.Module):
         self.ffn = FeedForward(args, layer)
 
     def __call__(self, x: mx.array, mask=None, cache=None) -> mx.array:
+        if self._fuses(x, mask, cache):
+            return self._decode(x, cache)
         h = x + self.attn(self.attn_norm(x), mask, cache)
         return h + self.ffn(self.ffn_norm(h))
+
+    def _fuses(self, x: mx.array, mask, cache) -> bool:
+        """Decoding on the CPU with the kernels: few rows, every product one the fused kernel takes."""
+        a, f = self.attn, self.ffn
+        return (x.size // x.shape[-1] <= kernels.MAX_ROWS and self.attn_norm.fused and self.ffn_norm.fused
+                and _fused_attention_applies(a, x, mask, cache)
+                and all(kernels.fusable(m) for m in (a.qkv_proj, a.out_proj, f.proj_1, f.proj_2)))
+
+    def _decode(self, x: mx.array, cache) -> mx.array:
+        """The same layer in five kernel nodes: RMSNorm folded into the qkv and proj_1 products, the residual
+        adds into out_proj and proj_2, SwiGLU into proj_2's input (see kernels.fused_linear)."""
+        a, f = self.attn, self.ffn
+        qkv = kernels.fused_linear(a.qkv_proj, x, norm=self.attn_norm)
+        h = kernels.fused_linear(a.out_proj, a.attend_cached(qkv, cache), residual=x)
+        u = kernels.fused_linear(f.proj_1, h, norm=self.ffn_norm)
+        return kernels.fused_linear(f.proj_2, u, swiglu=True, residual=h)
 
 
 class OpenELMModel(nn.Module):

@@ -75,8 +75,8 @@ def test_cli_json_has_every_field_and_writes_the_chart(tmp_path):
     for v in ("fused", "naive"):
         assert abl[v]["generation_tps"] > 0 and 0 < abl[v]["norm_share"] < 1
         assert abl[v]["norm_ms_per_token"] < abl[v]["decode_step_ms"]
-    assert abl["fused"]["generation_tps"] == out["generation_tps"]
-    assert "Measured" in abl["method"]
+    # both sides run layers op by op (the CPU kernels' layer fusion folds the norms into the products)
+    assert "Measured" in abl["method"] and "op by op" in abl["method"]
 
     assert out["plot"] == str(png)
     data = png.read_bytes()

@@ -817,3 +817,115 @@ def test_cpu_policy_keeps_half_matrices_and_computes_in_float32(dtype):
     for part in (ids, ids[:, :1]):
         a, b = ours(part), upcast(part)
         assert a.dtype == mx.float32 and rel_err(a, f64(b)) < 1e-5
+
+
+# ---------------------------------------------------------------- fused products (decode layer in five nodes)
+
+
+def _np_rms(x, g, eps):
+    return x / np.sqrt((x * x).mean(-1, keepdims=True) + eps) * g
+
+
+@needs_ext
+@pytest.mark.parametrize("fmt", ["float32", "bfloat16", "float16", "q4", "q8"])
+@pytest.mark.parametrize("rows", [1, 3])
+def test_fused_linear_matches_float64(fmt, rows):
+    """prologue(x) @ W.T + residual, written out in float64 (RMSNorm; SwiGLU = silu(gate) * up) against the
+    one-node kernel, for every weight format the decode path uses."""
+    rng = np.random.default_rng(rows + len(fmt))
+    K, N = 128, 96
+    lin = nn.Linear(K, N, bias=False)
+    lin.weight = mx.array(rng.standard_normal((N, K)).astype(np.float32) / np.sqrt(K))
+    if fmt in ("q4", "q8"):
+        lin = nn.QuantizedLinear.from_linear(lin, group_size=64, bits=int(fmt[1]))
+        lin.scales, lin.biases = lin.scales.astype(mx.float32), lin.biases.astype(mx.float32)
+        W = unpack_affine(lin.weight, lin.scales, lin.biases, 64, int(fmt[1]))
+    else:
+        lin.weight = lin.weight.astype(getattr(mx, fmt))
+        W = f64(lin.weight.astype(mx.float32))
+    assert kernels.fusable(lin)
+    x = rng.standard_normal((1, rows, K)).astype(np.float32)
+    x2 = rng.standard_normal((1, rows, 2 * K)).astype(np.float32)
+    res = rng.standard_normal((1, rows, N)).astype(np.float32)
+    g = (rng.random(K) + 0.5).astype(np.float32)
+
+    class Norm:
+        weight, eps = mx.array(g), 1e-6
+
+    xd, x2d = x.astype(np.float64), x2.astype(np.float64)
+    gate, up = x2d[..., :K], x2d[..., K:]
+    cases = {
+        "plain": (kernels.fused_linear(lin, mx.array(x)), xd @ W.T),
+        "norm": (kernels.fused_linear(lin, mx.array(x), norm=Norm), _np_rms(xd, g, 1e-6) @ W.T),
+        "residual": (kernels.fused_linear(lin, mx.array(x), residual=mx.array(res)), xd @ W.T + res),
+        "swiglu+residual": (kernels.fused_linear(lin, mx.array(x2), swiglu=True, residual=mx.array(res)),
+                            (gate / (1 + np.exp(-gate)) * up) @ W.T + res),
+    }
+    for name, (got, ref) in cases.items():
+        assert got.shape == ref.shape and rel_err(got, ref) < 2e-5, (fmt, name)
+
+
+@needs_ext
+def test_fused_linear_refuses_what_it_cannot_do():
+    lin = nn.Linear(64, 32, bias=False)
+    with pytest.raises(ValueError, match="at most 8 rows"):
+        kernels.fused_linear(lin, mx.zeros((9, 64)))
+    with pytest.raises(ValueError, match="does not match"):
+        kernels.fused_linear(lin, mx.zeros((1, 64)), swiglu=True)
+    with pytest.raises(ValueError, match="not both"):
+        kernels.fused_linear(lin, mx.zeros((1, 128)), swiglu=True, norm=nn.RMSNorm(64))
+    assert not kernels.fusable(nn.Linear(64, 32, bias=True))
+
+
+@needs_ext
+def test_decode_layers_take_the_five_node_path_and_match_the_plain_one():
+    """With a KV cache and <= 8 rows every layer runs through fused_linear (counted), and greedy decoding gives
+    the plain MLX path's tokens and log-probabilities."""
+    from mlx_openelm.generate.stream import generate_step
+
+    model = tiny_f32()
+    prompt = mx.array(np.random.default_rng(9).integers(0, model.args.vocab_size, 40).tolist())
+    calls = []
+    real = kernels.fused_linear
+
+    def counting(*a, **k):
+        calls.append(1)
+        return real(*a, **k)
+
+    kernels.fused_linear = counting
+    try:
+        ours = [(t, np.array(lp)) for t, lp in generate_step(prompt, model, max_tokens=6)]
+    finally:
+        kernels.fused_linear = real
+    per_pass = 4 * len(model.layers)  # four products a layer for each one-row forward pass (>= one a token)
+    assert len(calls) % per_pass == 0 and len(calls) >= 6 * per_pass
+    with kernels.disabled():
+        plain = [(t, np.array(lp)) for t, lp in generate_step(prompt, model, max_tokens=6)]
+    assert [t for t, _ in ours] == [t for t, _ in plain]
+    assert max(np.abs(a - b).max() for (_, a), (_, b) in zip(ours, plain)) < 1e-4
+
+
+@needs_ext
+@pytest.mark.skipif(not (kernels.available() and kernels._lib.has_blas()), reason="no cblas_sgemm in the process")
+@pytest.mark.parametrize("fmt", ["bfloat16", "float16", "q4", "q8"])
+def test_many_row_products_widen_tiles_into_blas(fmt):
+    """Prompt-sized products of half or 4/8-bit layers (``tiled_matmul``: float32 tiles of the weight into
+    cblas_sgemm, no whole-layer copy) equal the float64 product of the stored values; N spans several tiles."""
+    rng = np.random.default_rng(len(fmt))
+    K, N, M = 1280, 1000, 37  # 1000 rows: tiles of 400 (2 MB of float32), the last one partial
+    lin = nn.Linear(K, N, bias=False)
+    lin.weight = mx.array(rng.standard_normal((N, K)).astype(np.float32) / np.sqrt(K))
+    if fmt.startswith("q"):
+        lin = nn.QuantizedLinear.from_linear(lin, group_size=64, bits=int(fmt[1]))
+        lin.scales, lin.biases = lin.scales.astype(mx.float32), lin.biases.astype(mx.float32)
+        W = unpack_affine(lin.weight, lin.scales, lin.biases, 64, int(fmt[1]))
+    else:
+        lin.weight = lin.weight.astype(getattr(mx, fmt))
+        W = f64(lin.weight.astype(mx.float32))
+    x = mx.array(rng.standard_normal((1, M, K)).astype(np.float32))
+    y = kernels.linear(lin, x)
+    assert y.shape == (1, M, N) and rel_err(y, f64(x) @ W.T) < 1e-5
+    # the gradient with respect to x (LoRA on a half or quantized base trains through it)
+    g = mx.grad(lambda a: (kernels.linear(lin, a) ** 2).sum())(x)
+    ref = 2 * (f64(x) @ W.T) @ W
+    assert rel_err(g, ref) < 1e-4

@@ -175,7 +175,9 @@ def product(m: nn.Module, x: mx.array) -> Optional[mx.array]:
             return None
         if small:
             return _lib.gemv(x, m.weight)
-        if m.weight.dtype != mx.float32:  # half weights kept on the CPU: float32 copy, then BLAS
+        if m.weight.dtype != mx.float32:  # half weights kept on the CPU: widened a tile at a time into BLAS
+            if _lib.has_blas():
+                return _lib.tiled_matmul(x, m.weight, None, None, 0, 0)
             return x @ _lib.to_float32(m.weight).T
         return None
     if t in (nn.QuantizedLinear, nn.QuantizedEmbedding):
@@ -184,14 +186,61 @@ def product(m: nn.Module, x: mx.array) -> Optional[mx.array]:
                 return _lib.qgemv(x, m.weight, m.scales, m.biases, m.group_size, m.bits)
             return None
         if m.mode == "affine" and m.scales.dtype == mx.float32:
-            # many rows: one float32 copy of the weight, then BLAS (mx.quantized_matmul is ~2.5 GFLOP/s here,
-            # and mx.dequantize on the CPU ~15 M values/s: the extension's is memory-bound)
+            # many rows: float32 weights, then BLAS (mx.quantized_matmul is ~2.5 GFLOP/s here, and
+            # mx.dequantize on the CPU ~15 M values/s): a tile of rows at a time, or the whole layer at once
+            if _lib is not None and _quant_ok(m) and _lib.has_blas():
+                return _lib.tiled_matmul(x, m.weight, m.scales, m.biases, m.group_size, m.bits)
             if _lib is not None and _quant_ok(m):
                 w = _lib.dequantize(m.weight, m.scales, m.biases, m.group_size, m.bits)
             else:
                 w = mx.dequantize(m.weight, m.scales, m.get("biases"), m.group_size, m.bits, mode=m.mode)
             return x @ w.T
     return None
+
+
+_FUSION = True  # decode layers as fused kernel nodes (cached attention, fused_linear) where they apply
+
+
+def fusion_on() -> bool:
+    """Whether the model may run decode layers as fused kernel nodes (the kernels loaded, not ``no_fusion``)."""
+    return _FUSION and active()
+
+
+@contextmanager
+def no_fusion():
+    """Within the block, layers run op by op (norms, RoPE, SDPA as MLX nodes; products still by ``linear``):
+    for studies of those ops, such as the RMSNorm ablation."""
+    global _FUSION
+    saved, _FUSION = _FUSION, False
+    try:
+        yield
+    finally:
+        _FUSION = saved
+
+
+def fusable(m: nn.Module) -> bool:
+    """Whether ``fused_linear`` takes this layer (on the CPU with the extension): a Linear without bias whose
+    weight gemv reads, or a 4/8-bit affine QuantizedLinear with float32 scales and biases."""
+    if _lib is None or "bias" in m:
+        return False
+    if type(m) is nn.Linear:
+        return m.weight.dtype in FLOAT_WEIGHTS
+    return type(m) is nn.QuantizedLinear and _quant_ok(m)
+
+
+def fused_linear(m: nn.Module, x: mx.array, *, norm: Optional[nn.Module] = None, swiglu: bool = False,
+                 residual: Optional[mx.array] = None) -> mx.array:
+    """``prologue(x) @ W.T (+ residual)`` in one node for <= ``MAX_ROWS`` float32 rows and a ``fusable`` layer:
+    ``norm`` (an RMSNorm with ``weight`` and ``eps``) normalises x first; ``swiglu`` takes x as
+    ``[gate | up]`` (twice the layer's input width) and feeds ``silu(gate) * up``. Inference only (no gradient)."""
+    if swiglu and norm is not None:
+        raise ValueError("fused_linear: give norm or swiglu, not both")
+    prologue = "swiglu" if swiglu else ("rms_norm" if norm is not None else "none")
+    quant = type(m) is nn.QuantizedLinear
+    return _lib.fused_linear(x, m.weight, m.scales if quant else None, m.biases if quant else None,
+                             m.group_size if quant else 0, m.bits if quant else 0, prologue,
+                             norm.weight if norm is not None else None, float(norm.eps) if norm is not None else 0.0,
+                             residual)
 
 
 def linear(m: nn.Module, x: mx.array) -> mx.array:

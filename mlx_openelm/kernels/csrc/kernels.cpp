@@ -53,7 +53,7 @@ namespace {
 
 // How long an idle worker spins before it sleeps. A decode step runs its products a few hundred
 // microseconds apart; waking a sleeping thread costs tens to hundreds of microseconds on a VM.
-constexpr int kSpinMicros = 3000;
+constexpr int kSpinMicros = 500;
 
 // Work is cut into chunks claimed dynamically (one atomic word: generation | chunk count | next
 // chunk), so a thread that the OS does not schedule (a busy shared machine) delays nobody: the
@@ -527,10 +527,71 @@ void qgemv_block(const float* xp, const float* xs, const uint8_t* w, const float
   }
 }
 
+#if defined(__AVX512F__)
+// 32 weights (4-bit: 16 bytes, low nibbles then high; 8-bit: 32 bytes) times the matching 32 values of xp.
+template <int BITS>
+inline __m512 q32_dot(const uint8_t* w, const float* x, __m512 acc0, __m512& acc1) {
+  __m512 q0, q1;
+  if constexpr (BITS == 4) {
+    const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w));
+    const __m128i m = _mm_set1_epi8(15);
+    q0 = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(b, m)));
+    q1 = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(b, 4), m)));
+  } else {
+    q0 = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w))));
+    q1 = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + 16))));
+  }
+  acc1 = _mm512_fmadd_ps(q1, _mm512_loadu_ps(x + 16), acc1);
+  return _mm512_fmadd_ps(q0, _mm512_loadu_ps(x), acc0);
+}
+
+// One row of x (decode), one weight row after another: per group, sum(q * x) in registers (two
+// independent chains), scaled into the row total; the biases' part is one dot product of the row's
+// biases with the per-group sums of x at the end.
+template <int BITS>
+void qgemv_one(const float* xp, const float* xs, const uint8_t* w, const float* scales, const float* biases,
+               float* out, int64_t K, int gs, int64_t n0, int64_t n1) {
+  const int64_t G = K / gs, row_bytes = K * BITS / 8, gbytes = gs * BITS / 8;
+  const int per = gs / 32;
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* wr = w + n * row_bytes;
+    const float* sr = scales + n * G;
+    const float* br = biases + n * G;
+    __m512 t0 = _mm512_setzero_ps(), t1 = t0;
+    int64_t g = 0;
+    for (; g + 2 <= G; g += 2) {  // two groups at once: four independent FMA chains
+      __m512 a0 = _mm512_setzero_ps(), a1 = a0, c0 = a0, c1 = a0;
+      const uint8_t* wa = wr + g * gbytes;
+      const float* xa = xp + g * gs;
+      for (int j = 0; j < per; ++j) {
+        a0 = q32_dot<BITS>(wa + j * 32 * BITS / 8, xa + 32 * j, a0, a1);
+        c0 = q32_dot<BITS>(wa + gbytes + j * 32 * BITS / 8, xa + gs + 32 * j, c0, c1);
+      }
+      t0 = _mm512_fmadd_ps(_mm512_add_ps(a0, a1), _mm512_set1_ps(sr[g]), t0);
+      t1 = _mm512_fmadd_ps(_mm512_add_ps(c0, c1), _mm512_set1_ps(sr[g + 1]), t1);
+    }
+    for (; g < G; ++g) {
+      __m512 a0 = _mm512_setzero_ps(), a1 = a0;
+      for (int j = 0; j < per; ++j) a0 = q32_dot<BITS>(wr + g * gbytes + j * 32 * BITS / 8, xp + g * gs + 32 * j, a0, a1);
+      t0 = _mm512_fmadd_ps(_mm512_add_ps(a0, a1), _mm512_set1_ps(sr[g]), t0);
+    }
+    __m512 bsum = _mm512_setzero_ps();
+    for (int64_t h = 0; h < G; h += 16) {
+      const __mmask16 mk = G - h >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (G - h)) - 1);
+      bsum = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mk, br + h), _mm512_maskz_loadu_ps(mk, xs + h), bsum);
+    }
+    out[n] = _mm512_reduce_add_ps(_mm512_add_ps(t0, t1)) + _mm512_reduce_add_ps(bsum);
+  }
+}
+#endif
+
 template <int BITS>
 void qgemv_rows(int M, const float* xp, const float* xs, const uint8_t* w, const float* scales, const float* biases,
                 float* out, int64_t K, int64_t N, int gs, int64_t n0, int64_t n1) {
   const int64_t G = K / gs;
+#if defined(__AVX512F__)
+  if (M == 1) return qgemv_one<BITS>(xp, xs, w, scales, biases, out, K, gs, n0, n1);
+#endif
   for (int m0 = 0; m0 < M; m0 += 4) {
     int mb = std::min(4, M - m0);
     const float* xb = xp + m0 * K;
@@ -621,6 +682,30 @@ class Gemv : public mx::UnaryPrimitive {
   }
 };
 
+// x [M, K] -> xr (4-bit: per 32 values the 16 even then the 16 odd ones, matching the low and high
+// nibbles of 16 packed bytes; 8-bit: unchanged) and xs[m, g], the sum of x over group g.
+inline void prepare_qx(const float* xp, int64_t M, int64_t K, int gs, int bits, float* xr, float* xs) {
+  const int64_t G = K / gs;
+  for (int64_t m = 0; m < M; ++m) {
+    const float* src = xp + m * K;
+    float* dst = xr + m * K;
+    for (int64_t g = 0; g < G; ++g) {
+      float s = 0.f;
+      for (int j = 0; j < gs; ++j) s += src[g * gs + j];
+      xs[m * G + g] = s;
+    }
+    if (bits == 4) {
+      for (int64_t k = 0; k < K; k += 32)
+        for (int j = 0; j < 16; ++j) {
+          dst[k + j] = src[k + 2 * j];
+          dst[k + 16 + j] = src[k + 2 * j + 1];
+        }
+    } else {
+      std::memcpy(dst, src, K * sizeof(float));
+    }
+  }
+}
+
 class QGemv : public mx::UnaryPrimitive {
  public:
   QGemv(mx::Stream s, int group_size, int bits) : mx::UnaryPrimitive(s), gs_(group_size), bits_(bits) {}
@@ -642,24 +727,7 @@ class QGemv : public mx::UnaryPrimitive {
                   op = out.data<float>(), M, N, K, gs = gs_, bits = bits_]() {
       const int64_t G = K / gs;
       std::vector<float> xr(M * K), xs(M * G);
-      for (int64_t m = 0; m < M; ++m) {
-        const float* src = xp + m * K;
-        float* dst = xr.data() + m * K;
-        for (int64_t g = 0; g < G; ++g) {
-          float s = 0.f;
-          for (int j = 0; j < gs; ++j) s += src[g * gs + j];
-          xs[m * G + g] = s;
-        }
-        if (bits == 4) {
-          for (int64_t k = 0; k < K; k += 32)
-            for (int j = 0; j < 16; ++j) {
-              dst[k + j] = src[k + 2 * j];
-              dst[k + 16 + j] = src[k + 2 * j + 1];
-            }
-        } else {
-          std::memcpy(dst, src, K * sizeof(float));
-        }
-      }
+      prepare_qx(xp, M, K, gs, bits, xr.data(), xs.data());
       const int64_t bytes = N * K * bits / 8;
       parallel_rows(N, bytes, [&](int64_t a, int64_t b) {
         if (bits == 4)
@@ -861,6 +929,8 @@ mx::array to_float32(const mx::array& w, mx::StreamOrDevice s) {
 }
 
 #include "attention.h"
+#include "fused_linear.h"
+#include "tiled_matmul.h"
 
 }  // namespace
 
@@ -878,6 +948,13 @@ NB_MODULE(_ext, m) {
         "stream"_a = nb::none(),
         "OpenELM attention after the qkv projection: q/k RMSNorm, RoPE, cache write at offset (in place), "
         "causal GQA softmax attention; returns (attention [B, L, H * D], k_cache, v_cache)");
+  m.def("fused_linear", &fused_linear, "x"_a, "w"_a, "scales"_a.none(), "biases"_a.none(), "group_size"_a, "bits"_a,
+        "prologue"_a, "norm_weight"_a.none(), "eps"_a, "residual"_a.none(), nb::kw_only(), "stream"_a = nb::none(),
+        "prologue(x) @ w.T (+ residual) for <= 8 rows on the CPU; prologue none, rms_norm or swiglu");
+  m.def("tiled_matmul", &tiled_matmul, "x"_a, "w"_a, "scales"_a.none(), "biases"_a.none(), "group_size"_a, "bits"_a,
+        nb::kw_only(), "stream"_a = nb::none(),
+        "x @ w.T for many rows: half or 4/8-bit w widened a tile at a time into the process's cblas_sgemm");
+  m.def("has_blas", &has_blas, "Whether a cblas_sgemm is visible in the process (for tiled_matmul)");
   m.def("to_float32", &to_float32, "w"_a, nb::kw_only(), "stream"_a = nb::none(),
         "float16/bfloat16 -> float32 on the CPU, multi-threaded");
   m.def("set_threads", &set_threads, "n"_a, "Threads for the next products (0: one per available core)");

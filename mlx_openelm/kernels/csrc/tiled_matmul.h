@@ -1,0 +1,132 @@
+// Many-row products with weights the CPU BLAS cannot read directly (included by kernels.cpp, inside
+// its anonymous namespace): x[M, K] @ W^T with W bfloat16/float16 or 4/8-bit affine. W is widened to
+// float32 a tile of rows at a time (~2 MB, so it stays in cache) and each tile goes to the process's
+// cblas_sgemm (found with dlsym: the OpenBLAS mlx_openelm preloads globally, else whatever BLAS MLX
+// itself resolved), writing its columns of the output. Against dequantizing whole layers first this
+// holds no float32 copy of a layer (the transient that made a 4-bit model's prompt peak at twice its
+// size) and reads each widened tile from cache.
+
+#include <dlfcn.h>
+
+typedef void (*sgemm_fn)(int, int, int, int, int, int, float, const float*, int, const float*, int, float, float*,
+                         int);
+
+inline sgemm_fn blas_sgemm() {
+  static sgemm_fn fn = reinterpret_cast<sgemm_fn>(dlsym(RTLD_DEFAULT, "cblas_sgemm"));
+  return fn;
+}
+
+constexpr int kRowMajor = 101, kNoTrans = 111, kTrans = 112;  // CBLAS enum values
+
+// rows [n0, n1) of W as float32 into dst [(n1 - n0), K]
+inline void widen_rows(const mx::Dtype& wt, const void* w, const float* sc, const float* bi, int bits, int gs,
+                       int64_t K, int64_t n0, int64_t n1, float* dst) {
+  if (bits) {
+    const int64_t G = K / gs;
+    const uint8_t* q = static_cast<const uint8_t*>(w);
+    for (int64_t n = n0; n < n1; ++n) {
+      const uint8_t* wr = q + n * K * bits / 8;
+      float* o = dst + (n - n0) * K;
+      for (int64_t g = 0; g < G; ++g) {
+        const float s = sc[n * G + g], c = bi[n * G + g];
+        const int64_t k0 = g * gs;
+        if (bits == 4) {
+          for (int j = 0; j < gs / 2; ++j) {
+            const uint8_t v = wr[k0 / 2 + j];
+            o[k0 + 2 * j] = s * (float)(v & 15) + c;
+            o[k0 + 2 * j + 1] = s * (float)(v >> 4) + c;
+          }
+        } else {
+          for (int j = 0; j < gs; ++j) o[k0 + j] = s * (float)wr[k0 + j] + c;
+        }
+      }
+    }
+    return;
+  }
+  const int64_t i0 = n0 * K, i1 = n1 * K;
+  if (wt == mx::bfloat16) {
+    const bf16_t* h = static_cast<const bf16_t*>(w);
+    for (int64_t i = i0; i < i1; ++i) dst[i - i0] = to_float(h[i]);
+  } else {
+    const _Float16* h = static_cast<const _Float16*>(w);
+    for (int64_t i = i0; i < i1; ++i) dst[i - i0] = (float)h[i];
+  }
+}
+
+class TiledMatmul : public mx::UnaryPrimitive {
+ public:
+  TiledMatmul(mx::Stream s, int bits, int gs) : mx::UnaryPrimitive(s), bits_(bits), gs_(gs) {}
+
+  void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override {
+    const mx::array& x = inputs[0];
+    const mx::array& w = inputs[1];
+    out.set_data(mx::allocator::malloc(out.nbytes()));
+    auto& enc = mx::cpu::get_command_encoder(stream());
+    for (const auto& a : inputs) enc.set_input_array(a);
+    enc.set_output_array(out);
+    const int64_t N = w.shape(0), K = bits_ ? w.shape(1) * 32 / bits_ : w.shape(1), M = x.size() / K;
+    const float* sp = bits_ ? inputs[2].data<float>() : nullptr;
+    const float* bp = bits_ ? inputs[3].data<float>() : nullptr;
+    enc.dispatch([=, xp = x.data<float>(), wp = w.data<void>(), wt = w.dtype(), op = out.data<float>(), bits = bits_,
+                  gs = gs_]() {
+      const int64_t T = std::max<int64_t>(16, std::min<int64_t>(N, (int64_t(2) << 20) / (K * 4)) / 16 * 16);
+      std::vector<float> buf(T * K);
+      sgemm_fn gemm = blas_sgemm();
+      for (int64_t n0 = 0; n0 < N; n0 += T) {
+        const int64_t n1 = std::min(N, n0 + T);
+        widen_rows(wt, wp, sp, bp, bits, gs, K, n0, n1, buf.data());
+        gemm(kRowMajor, kNoTrans, kTrans, (int)M, (int)(n1 - n0), (int)K, 1.0f, xp, (int)K, buf.data(), (int)K, 0.0f,
+             op + n0, (int)N);
+      }
+    });
+  }
+  void eval_gpu(const std::vector<mx::array>&, mx::array&) override {
+    throw std::runtime_error("mlx_openelm.kernels.tiled_matmul runs on the CPU only");
+  }
+  std::vector<mx::array> vjp(const std::vector<mx::array>& primals, const std::vector<mx::array>& cotangents,
+                             const std::vector<int>& argnums, const std::vector<mx::array>&) override {
+    // d/dx only (the weights are frozen): cotangent @ W, W widened by MLX
+    for (int a : argnums)
+      if (a != 0) throw std::invalid_argument("tiled_matmul: no gradient with respect to the weights");
+    const auto& w = primals[1];
+    mx::array wf = bits_ ? mx::dequantize(w, primals[2], primals[3], gs_, bits_, "affine", std::nullopt,
+                                          std::nullopt, stream())
+                         : mx::astype(w, mx::float32, stream());
+    return {mx::matmul(cotangents[0], wf, stream())};
+  }
+  const char* name() const override { return "OpenELMTiledMatmul"; }
+  bool is_equivalent(const mx::Primitive& other) const override {
+    const auto& o = static_cast<const TiledMatmul&>(other);
+    return bits_ == o.bits_ && gs_ == o.gs_;
+  }
+  std::vector<mx::Shape> output_shapes(const std::vector<mx::array>& inputs) override {
+    return {out_shape(inputs[0], inputs[1].shape(0))};
+  }
+
+ private:
+  int bits_, gs_;
+};
+
+bool has_blas() { return blas_sgemm() != nullptr; }
+
+mx::array tiled_matmul(const mx::array& x, const mx::array& w, const std::optional<mx::array>& scales,
+                       const std::optional<mx::array>& biases, int group_size, int bits, mx::StreamOrDevice s) {
+  auto st = cpu_stream(s);
+  if (!has_blas()) throw std::runtime_error("tiled_matmul: no cblas_sgemm in the process");
+  if (x.dtype() != mx::float32 || w.ndim() != 2) throw std::invalid_argument("tiled_matmul: x float32, w 2-D");
+  const int64_t K = bits ? (int64_t)w.shape(1) * 32 / bits : w.shape(1);
+  if (x.ndim() < 1 || x.shape(-1) != K) throw std::invalid_argument("tiled_matmul: x's last axis must match w's K");
+  auto c = [&](const mx::array& a) { return mx::contiguous(a, false, st); };
+  std::vector<mx::array> in{c(x), c(w)};
+  if (bits) {
+    if ((bits != 4 && bits != 8) || !scales || !biases || scales->dtype() != mx::float32 ||
+        biases->dtype() != mx::float32 || w.dtype() != mx::uint32 || group_size % 32 || K % group_size)
+      throw std::invalid_argument("tiled_matmul: 4/8-bit w needs uint32 w and float32 scales/biases");
+    in.push_back(c(*scales));
+    in.push_back(c(*biases));
+  } else if (w.dtype() != mx::bfloat16 && w.dtype() != mx::float16) {
+    throw std::invalid_argument("tiled_matmul: w must be bfloat16 or float16 (or 4/8-bit)");
+  }
+  return mx::array(out_shape(x, w.shape(0)), mx::float32, std::make_shared<TiledMatmul>(st, bits, group_size),
+                   std::move(in));
+}
