@@ -39,6 +39,7 @@ import sys
 import tempfile
 import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import mlx_openelm  # noqa: F401  (OpenBLAS before mlx)
@@ -112,16 +113,32 @@ def make_ggufs(checkpoint, args, workdir: Path, converter: Path) -> dict:
         path = workdir / "model-q4_0.gguf"
         params = llama_cpp.llama_model_quantize_default_params()
         params.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_0
-        rc = llama_cpp.llama_model_quantize(str(out["f32"]).encode(), str(path).encode(), params)
+        with quiet_stderr():  # llama.cpp logs every tensor
+            rc = llama_cpp.llama_model_quantize(str(out["f32"]).encode(), str(path).encode(), params)
         out["q4_0"] = path if rc == 0 else f"llama_model_quantize returned {rc}"
     return out
+
+
+@contextmanager
+def quiet_stderr():
+    """File descriptor 2 to /dev/null (llama.cpp's C code logs there directly)."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    null = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(null, 2)
+    try:
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(null)
+        os.close(saved)
 
 
 def llama_runner(path: Path, threads: int, n_ctx: int):
     from llama_cpp import Llama
 
-    llm = Llama(model_path=str(path), n_ctx=n_ctx, n_batch=512, n_threads=threads, n_threads_batch=threads,
-                verbose=False, logits_all=False)
+    with quiet_stderr():
+        llm = _llama(Llama, path, threads, n_ctx)
 
     def run(ids, n):
         llm.reset()
@@ -131,6 +148,11 @@ def llama_runner(path: Path, threads: int, n_ctx: int):
                 break
 
     return run, llm
+
+
+def _llama(Llama, path, threads, n_ctx):
+    return Llama(model_path=str(path), n_ctx=n_ctx, n_batch=512, n_threads=threads, n_threads_batch=threads,
+                 verbose=False, logits_all=False)
 
 
 # ---------------------------------------------------------------- ours
@@ -185,13 +207,23 @@ def main() -> None:
     threads = bw["threads"]
 
     checkpoint = bench.random_model(args.shape, "float32", None, args.seed)
-    ours = {}
-    if "f32" in rows or "f16" in rows:
-        ours["f32"] = checkpoint
+    # ours: each stored checkpoint as mlx-openelm loads it on this CPU (float16/bfloat16 matrices kept, 4/8-bit
+    # kept quantized with float32 scales); file_gb: what `convert` writes for it (float16 scales when quantized)
+    ours, file_gb = {}, {}
+
+    def add(name, stored):
+        file_gb[name] = step_bytes(stored) / 1e9
+        ours[name] = bench.as_loaded(stored, "auto")
+
+    if "f32" in rows:
+        add("f32", checkpoint)
+    if "f16" in rows:
+        add("f16", bench.random_model(args.shape, "float16", None, args.seed))
+        add("bf16", bench.random_model(args.shape, "bfloat16", None, args.seed))
     if "q8" in rows:
-        ours["q8"] = bench.as_loaded(bench.random_model(args.shape, "float32", 8, args.seed), "auto")
+        add("q8", bench.random_model(args.shape, "float16", 8, args.seed))
     if "q4" in rows:
-        ours["q4"] = bench.as_loaded(bench.random_model(args.shape, "float32", 4, args.seed), "auto")
+        add("q4", bench.random_model(args.shape, "float16", 4, args.seed))
 
     llama = {"status": llama_cpp_status()}
     ggufs = {}
@@ -207,7 +239,7 @@ def main() -> None:
     if "f32" in ours:
         contenders["ours f32 kernels"] = (ours_runner(ours["f32"]), step_bytes(ours["f32"]) / 1e9)
         contenders["ours f32 plain MLX"] = (ours_runner(ours["f32"], plain=True), step_bytes(ours["f32"]) / 1e9)
-    for q in ("q8", "q4"):
+    for q in ("f16", "bf16", "q8", "q4"):
         if q in ours:
             contenders[f"ours {q} kernels"] = (ours_runner(ours[q]), step_bytes(ours[q]) / 1e9)
     kinds = {"f32": ["f32"], "f16": ["f16", "bf16"], "q8": ["q8_0"], "q4": ["q4_0"]}
@@ -220,14 +252,17 @@ def main() -> None:
     res = measure(contenders, ids, args.gen_tokens, args.repeats)
     table = []
 
-    def line(row, mine, theirs):
+    def line(row, mine, theirs, fmt=None):
         o = res.get(mine)
         t = res.get(theirs) if theirs else None
         gb = contenders[mine][1] if mine in contenders else None
         entry = {"row": row, "ours": mine, "llama_cpp": theirs if t else None}
         if o:
+            fgb = file_gb.get(fmt)
             entry.update(ours_decode_tps=o["generation_tps"], ours_prompt_tps=o["prompt_tps"], ours_step_gb=gb,
-                         ours_peak_memory_gb=o["peak_memory_gb"], ours_peak_over_weights=o["peak_memory_gb"] / gb,
+                         ours_file_gb=fgb, ours_peak_memory_gb=o["peak_memory_gb"],
+                         ours_peak_over_weights=o["peak_memory_gb"] / gb,
+                         ours_peak_over_file=o["peak_memory_gb"] / fgb if fgb else None,
                          ours_roofline_tps=bw["gbs"] / gb, ours_pct_roofline=100 * o["generation_tps"] * gb / bw["gbs"])
         if t:
             tgb = contenders[theirs][1]
@@ -238,18 +273,18 @@ def main() -> None:
         table.append(entry)
 
     if "f32" in rows:
-        line("f32", "ours f32 kernels", "llama.cpp f32")
-        line("f32 (plain MLX, before)", "ours f32 plain MLX", "llama.cpp f32")
+        line("f32", "ours f32 kernels", "llama.cpp f32", "f32")
+        line("f32 (plain MLX, before)", "ours f32 plain MLX", "llama.cpp f32", "f32")
         if "ours f32 kernels" in res:
             table[-2]["kernels_over_plain_decode"] = paired(res["ours f32 kernels"], res["ours f32 plain MLX"], "generation_tps")
             table[-2]["kernels_over_plain_prompt"] = paired(res["ours f32 kernels"], res["ours f32 plain MLX"], "prompt_tps")
     if "f16" in rows:
-        line("f16 (ours: float32 on the CPU)", "ours f32 kernels", "llama.cpp f16")
-        line("bf16 (ours: float32 on the CPU)", "ours f32 kernels", "llama.cpp bf16")
+        line("f16", "ours f16 kernels", "llama.cpp f16", "f16")
+        line("bf16", "ours bf16 kernels", "llama.cpp bf16", "bf16")
     if "q8" in rows:
-        line("q8", "ours q8 kernels", "llama.cpp q8_0")
+        line("q8 (ours 8-bit g64 / Q8_0)", "ours q8 kernels", "llama.cpp q8_0", "q8")
     if "q4" in rows:
-        line("q4", "ours q4 kernels", "llama.cpp q4_0")
+        line("q4 (ours 4-bit g64 / Q4_0)", "ours q4 kernels", "llama.cpp q4_0", "q4")
 
     out = {
         "command": " ".join(["python", *sys.argv]),
@@ -266,7 +301,8 @@ def main() -> None:
         s = f"{e['row']:<32}"
         if "ours_decode_tps" in e:
             s += (f" ours decode {e['ours_decode_tps']:6.2f} tok/s ({e['ours_pct_roofline']:4.0f}% of roofline "
-                  f"{e['ours_roofline_tps']:.1f}), prompt {e['ours_prompt_tps']:6.1f}, peak/weights {e['ours_peak_over_weights']:.2f}")
+                  f"{e['ours_roofline_tps']:.1f}), prompt {e['ours_prompt_tps']:6.1f}, peak/file "
+                  f"{e['ours_peak_over_file'] or float('nan'):.2f}")
         if "llama_decode_tps" in e:
             s += f" | llama.cpp {e['llama_decode_tps']:6.2f} / {e['llama_prompt_tps']:6.1f}"
         if "decode_ratio" in e:

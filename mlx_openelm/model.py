@@ -136,7 +136,12 @@ class TransformerBlock(nn.Module):
         if self._fuses(x, mask, cache):
             return self._decode(x, cache)
         h = x + self.attn(self.attn_norm(x), mask, cache)
-        return h + self.ffn(self.ffn_norm(h))
+        n = self.ffn_norm(h)
+        if type(cache) is KVCache:  # a prompt through the CPU kernels (inference): SwiGLU a tile at a time
+            u = kernels.swiglu_product(self.ffn.proj_1, n)
+            if u is not None:
+                return h + kernels.linear(self.ffn.proj_2, u)
+        return h + self.ffn(n)
 
     def _fuses(self, x: mx.array, mask, cache) -> bool:
         """Decoding on the CPU with the kernels: few rows, every product one the fused kernel takes."""
@@ -168,8 +173,13 @@ class OpenELMModel(nn.Module):
         if mask is None and h.shape[1] > 1:
             mask = "causal"  # aligned bottom-right, so it also holds after a cache offset
         cache = cache or [None] * len(self.layers)
+        # A prompt through the CPU kernels: one layer at a time, so that MLX does not allocate every layer's
+        # activations ahead of running them (a 4-bit 270M model's 512-token prompt: 106 -> 45 MB added peak).
+        stepwise = h.shape[1] > kernels.MAX_ROWS and type(cache[0]) is KVCache and kernels.fusion_on()
         for layer, c in zip(self.layers, cache):
             h = layer(h, mask, c)
+            if stepwise:
+                mx.eval(h)
         return self.norm(h)
 
 

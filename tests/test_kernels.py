@@ -929,3 +929,30 @@ def test_many_row_products_widen_tiles_into_blas(fmt):
     g = mx.grad(lambda a: (kernels.linear(lin, a) ** 2).sum())(x)
     ref = 2 * (f64(x) @ W.T) @ W
     assert rel_err(g, ref) < 1e-4
+
+
+@needs_ext
+@pytest.mark.skipif(not (kernels.available() and kernels._lib.has_blas()), reason="no cblas_sgemm in the process")
+@pytest.mark.parametrize("fmt", ["float32", "bfloat16", "q4", "q8"])
+def test_prompt_swiglu_a_tile_at_a_time_matches_float64(fmt):
+    """silu(x Wg^T) * (x Wu^T) of the fused [gate; up] projection, one tile of hidden units at a time (the
+    prompt path; the [M, 2H] output never exists whole) against float64 NumPy."""
+    rng = np.random.default_rng(7 + len(fmt))
+    K, H, M = 256, 700, 23  # 700 hidden units: several tiles, the last one partial
+    lin = nn.Linear(K, 2 * H, bias=False)
+    lin.weight = mx.array(rng.standard_normal((2 * H, K)).astype(np.float32) / np.sqrt(K))
+    if fmt.startswith("q"):
+        lin = nn.QuantizedLinear.from_linear(lin, group_size=64, bits=int(fmt[1]))
+        lin.scales, lin.biases = lin.scales.astype(mx.float32), lin.biases.astype(mx.float32)
+        W = unpack_affine(lin.weight, lin.scales, lin.biases, 64, int(fmt[1]))
+    else:
+        lin.weight = lin.weight.astype(getattr(mx, fmt))
+        W = f64(lin.weight.astype(mx.float32))
+    x = mx.array(rng.standard_normal((1, M, K)).astype(np.float32))
+    y = kernels.swiglu_product(lin, x)
+    p = f64(x) @ W.T
+    ref = p[..., :H] / (1 + np.exp(-p[..., :H])) * p[..., H:]
+    assert y.shape == (1, M, H) and rel_err(y, ref) < 1e-5
+    assert kernels.swiglu_product(lin, x[:, :4]) is None  # decode rows take fused_linear instead
+    with kernels.no_fusion():
+        assert kernels.swiglu_product(lin, x) is None

@@ -243,6 +243,17 @@ def fused_linear(m: nn.Module, x: mx.array, *, norm: Optional[nn.Module] = None,
                              residual)
 
 
+def swiglu_product(m: nn.Module, x: mx.array) -> Optional[mx.array]:
+    """``silu(gate) * up`` of a SwiGLU's fused first projection ``m`` (rows ``[gate; up]``) for many rows, a
+    tile of hidden units at a time, never holding the full projection output (inference only: no gradient);
+    None where it does not apply."""
+    if not (fusion_on() and fusable(m) and _rows(x) > MAX_ROWS and x.dtype == mx.float32 and _lib.has_blas()):
+        return None
+    quant = type(m) is nn.QuantizedLinear
+    return _lib.tiled_swiglu(x, m.weight, m.scales if quant else None, m.biases if quant else None,
+                             m.group_size if quant else 0, m.bits if quant else 0)
+
+
 def linear(m: nn.Module, x: mx.array) -> mx.array:
     """``m(x)`` for a linear layer, by the fastest route on the current device."""
     y = product(m, x)

@@ -954,6 +954,9 @@ NB_MODULE(_ext, m) {
   m.def("tiled_matmul", &tiled_matmul, "x"_a, "w"_a, "scales"_a.none(), "biases"_a.none(), "group_size"_a, "bits"_a,
         nb::kw_only(), "stream"_a = nb::none(),
         "x @ w.T for many rows: half or 4/8-bit w widened a tile at a time into the process's cblas_sgemm");
+  m.def("tiled_swiglu", &tiled_swiglu, "x"_a, "w"_a, "scales"_a.none(), "biases"_a.none(), "group_size"_a, "bits"_a,
+        nb::kw_only(), "stream"_a = nb::none(),
+        "silu(x @ w[:H].T) * (x @ w[H:].T) for many rows, a tile of hidden units at a time (inference)");
   m.def("has_blas", &has_blas, "Whether a cblas_sgemm is visible in the process (for tiled_matmul)");
   m.def("to_float32", &to_float32, "w"_a, nb::kw_only(), "stream"_a = nb::none(),
         "float16/bfloat16 -> float32 on the CPU, multi-threaded");

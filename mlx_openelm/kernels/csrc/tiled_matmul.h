@@ -44,7 +44,9 @@ inline void widen_rows(const mx::Dtype& wt, const void* w, const float* sc, cons
     return;
   }
   const int64_t i0 = n0 * K, i1 = n1 * K;
-  if (wt == mx::bfloat16) {
+  if (wt == mx::float32) {
+    std::memcpy(dst, static_cast<const float*>(w) + i0, (i1 - i0) * sizeof(float));
+  } else if (wt == mx::bfloat16) {
     const bf16_t* h = static_cast<const bf16_t*>(w);
     for (int64_t i = i0; i < i1; ++i) dst[i - i0] = to_float(h[i]);
   } else {
@@ -52,6 +54,55 @@ inline void widen_rows(const mx::Dtype& wt, const void* w, const float* sc, cons
     for (int64_t i = i0; i < i1; ++i) dst[i - i0] = (float)h[i];
   }
 }
+
+// silu(x @ Wg^T) * (x @ Wu^T) for a SwiGLU's fused first projection W = [Wg; Wu] (2H rows): a tile of
+// hidden units at a time (its gate and up rows widened, one sgemm, then the product), so the [M, 2H]
+// projection output is never held whole; out is [M, H].
+class TiledSwiGLU : public mx::UnaryPrimitive {
+ public:
+  TiledSwiGLU(mx::Stream s, int bits, int gs) : mx::UnaryPrimitive(s), bits_(bits), gs_(gs) {}
+
+  void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override {
+    const mx::array& x = inputs[0];
+    const mx::array& w = inputs[1];
+    out.set_data(mx::allocator::malloc(out.nbytes()));
+    auto& enc = mx::cpu::get_command_encoder(stream());
+    for (const auto& a : inputs) enc.set_input_array(a);
+    enc.set_output_array(out);
+    const int64_t N2 = w.shape(0), H = N2 / 2, K = bits_ ? w.shape(1) * 32 / bits_ : w.shape(1), M = x.size() / K;
+    const float* sp = bits_ ? inputs[2].data<float>() : nullptr;
+    const float* bp = bits_ ? inputs[3].data<float>() : nullptr;
+    enc.dispatch([=, xp = x.data<float>(), wp = w.data<void>(), wt = w.dtype(), op = out.data<float>(), bits = bits_,
+                  gs = gs_]() {
+      const int64_t T = std::max<int64_t>(16, std::min<int64_t>(H, (int64_t(1) << 20) / (K * 4)) / 16 * 16);
+      std::vector<float> buf(2 * T * K), tmp(M * 2 * T);
+      sgemm_fn gemm = blas_sgemm();
+      for (int64_t h0 = 0; h0 < H; h0 += T) {
+        const int64_t h1 = std::min(H, h0 + T), t = h1 - h0;
+        widen_rows(wt, wp, sp, bp, bits, gs, K, h0, h1, buf.data());
+        widen_rows(wt, wp, sp, bp, bits, gs, K, H + h0, H + h1, buf.data() + t * K);
+        gemm(kRowMajor, kNoTrans, kTrans, (int)M, (int)(2 * t), (int)K, 1.0f, xp, (int)K, buf.data(), (int)K, 0.0f,
+             tmp.data(), (int)(2 * t));
+        for (int64_t m = 0; m < M; ++m) {
+          const float* g = tmp.data() + m * 2 * t;
+          float* o = op + m * H + h0;
+          for (int64_t j = 0; j < t; ++j) o[j] = g[j] / (1.0f + std::exp(-g[j])) * g[t + j];
+        }
+      }
+    });
+  }
+  void eval_gpu(const std::vector<mx::array>&, mx::array&) override {
+    throw std::runtime_error("mlx_openelm.kernels.tiled_swiglu runs on the CPU only");
+  }
+  const char* name() const override { return "OpenELMTiledSwiGLU"; }
+  bool is_equivalent(const mx::Primitive&) const override { return false; }
+  std::vector<mx::Shape> output_shapes(const std::vector<mx::array>& inputs) override {
+    return {out_shape(inputs[0], inputs[1].shape(0) / 2)};
+  }
+
+ private:
+  int bits_, gs_;
+};
 
 class TiledMatmul : public mx::UnaryPrimitive {
  public:
@@ -108,6 +159,29 @@ class TiledMatmul : public mx::UnaryPrimitive {
 };
 
 bool has_blas() { return blas_sgemm() != nullptr; }
+
+mx::array tiled_swiglu(const mx::array& x, const mx::array& w, const std::optional<mx::array>& scales,
+                       const std::optional<mx::array>& biases, int group_size, int bits, mx::StreamOrDevice s) {
+  auto st = cpu_stream(s);
+  if (!has_blas()) throw std::runtime_error("tiled_swiglu: no cblas_sgemm in the process");
+  if (x.dtype() != mx::float32 || w.ndim() != 2 || w.shape(0) % 2)
+    throw std::invalid_argument("tiled_swiglu: x float32, w 2-D with an even number of rows [gate; up]");
+  const int64_t K = bits ? (int64_t)w.shape(1) * 32 / bits : w.shape(1);
+  if (x.ndim() < 1 || x.shape(-1) != K) throw std::invalid_argument("tiled_swiglu: x's last axis must match w's K");
+  auto c = [&](const mx::array& a) { return mx::contiguous(a, false, st); };
+  std::vector<mx::array> in{c(x), c(w)};
+  if (bits) {
+    if ((bits != 4 && bits != 8) || !scales || !biases || scales->dtype() != mx::float32 ||
+        biases->dtype() != mx::float32 || w.dtype() != mx::uint32 || group_size % 32 || K % group_size)
+      throw std::invalid_argument("tiled_swiglu: 4/8-bit w needs uint32 w and float32 scales/biases");
+    in.push_back(c(*scales));
+    in.push_back(c(*biases));
+  } else if (w.dtype() != mx::float32 && w.dtype() != mx::bfloat16 && w.dtype() != mx::float16) {
+    throw std::invalid_argument("tiled_swiglu: w must be float32, bfloat16 or float16 (or 4/8-bit)");
+  }
+  return mx::array(out_shape(x, w.shape(0) / 2), mx::float32, std::make_shared<TiledSwiGLU>(st, bits, group_size),
+                   std::move(in));
+}
 
 mx::array tiled_matmul(const mx::array& x, const mx::array& w, const std::optional<mx::array>& scales,
                        const std::optional<mx::array>& biases, int group_size, int bits, mx::StreamOrDevice s) {
