@@ -2,14 +2,16 @@
 checkpoint, same run, against the measured memory-bandwidth roofline.
 
 Random weights at the real shapes (``--shape``, default 270M), a 512-token prompt and 128 greedy
-tokens by default. Rows, at equal weight bytes where both sides have the format:
+tokens by default. Rows, at equal weight bytes, each of ours being the stored checkpoint as
+mlx-openelm loads it on this CPU (``dtype="auto"``):
 
-- ``f32``: ours float32 with ``mlx_openelm.kernels`` and with plain MLX products (the "before"),
-  vs llama.cpp F32;
-- ``f16``: llama.cpp F16 (and BF16) vs ours as our loader runs a float16 checkpoint on the CPU
-  (``dtype="auto"``: float32, so ours reads twice the bytes there);
-- ``q8``: ours 8-bit (group 64, float32 scales, kept quantized) vs llama.cpp Q8_0;
-- ``q4``: ours 4-bit (group 64) vs llama.cpp Q4_0.
+- ``f32``: ours float32 with ``mlx_openelm.kernels`` and with plain MLX (the "before"), vs llama.cpp F32;
+- ``f16`` / ``bf16``: ours with float16 / bfloat16 matrices kept (float32 compute), vs llama.cpp F16 / BF16;
+- ``q8``: ours 8-bit (group 64, quantized from float16; float16 scales in the file, float32 in memory)
+  vs llama.cpp Q8_0;
+- ``q4``: ours 4-bit (group 64, likewise) vs llama.cpp Q4_0.
+
+Peak memory is reported against the file size ``convert`` would write for ours (``peak/file``).
 
 The roofline is measured in the same script: read bandwidth of NumPy sums over 512 MB (one thread,
 and one per core at once; the larger is used), divided by the bytes one decode step reads (all

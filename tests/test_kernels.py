@@ -510,6 +510,16 @@ def _close(a, b, rel=1e-5) -> bool:
     return max_diff(a, b) <= rel * mx.abs(b).max().item()
 
 
+def _same_with_and_without_kernels(run) -> None:
+    """``run()`` (returning an array or a list of them) gives the plain MLX path's results with the kernels."""
+    ours = run()
+    with kernels.disabled():
+        plain = run()
+    if isinstance(ours, mx.array):
+        ours, plain = [ours], [plain]
+    assert all(_close(o, p) for o, p in zip(ours, plain))
+
+
 # a 200-token prefill, three one-token steps, then a 60-token chunk crossing KVCache's 256-row growth boundary
 CUTS = [0, 200, 201, 202, 203, 263]
 
@@ -710,10 +720,7 @@ def test_a_prompt_cache_saved_and_loaded_continues_with_the_fused_attention(tmp_
         mx.eval(outs)
         return outs
 
-    ours = run()
-    with kernels.disabled():
-        plain = run()
-    assert all(_close(o, p) for o, p in zip(ours, plain))
+    _same_with_and_without_kernels(run)
 
 
 @needs_ext
@@ -730,10 +737,7 @@ def test_a_cache_of_broadcast_views_continues_like_the_plain_path():
         mx.eval(out)
         return out
 
-    ours = run()
-    with kernels.disabled():
-        plain = run()
-    assert _close(ours, plain)
+    _same_with_and_without_kernels(run)
 
 
 @needs_ext
@@ -751,10 +755,7 @@ def test_a_deep_copied_cache_is_independent_of_its_original():
         mx.eval(out)
         return out
 
-    ours = run()
-    with kernels.disabled():
-        plain = run()
-    assert _close(ours, plain)
+    _same_with_and_without_kernels(run)
 
 
 @needs_ext

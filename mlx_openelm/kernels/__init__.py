@@ -1,17 +1,25 @@
-"""The CPU fast path for decode-shaped products (few rows of activations times a weight matrix).
+"""The CPU fast path: decoding and prompts of OpenELM on a Linux CPU at memory speed.
 
 On a Linux CPU, MLX's own products lose most of the memory bandwidth at decode shapes: float32
-``x @ W.T`` with 1-8 rows goes through ``cblas_sgemm`` (OpenBLAS packs the whole weight first) and
-``mx.quantized_matmul`` runs at ~2.5 GFLOP/s. ``_ext`` (built from ``csrc/`` by ``pip install -e .``
-on Linux, see ``_build.py``) adds two MLX primitives with ``eval_cpu``: ``gemv`` (float32) and
-``qgemv`` (4/8-bit affine, reading MLX's packed ``weight``/``scales``/``biases`` directly), streamed
-by a small thread pool. Where it is not built (macOS, no compiler, another mlx version) or the
-default device is a GPU, everything falls back to plain MLX.
+``x @ W.T`` with 1-8 rows goes through ``cblas_sgemm`` (OpenBLAS packs the whole weight first),
+float16 matmuls skip BLAS and ``mx.quantized_matmul`` runs at ~2.5 GFLOP/s; its CPU SDPA fallback
+materialises every head's scores; and each of the ~20 small nodes of a decoder layer costs more to
+dispatch than to compute. ``_ext`` (built from ``csrc/`` by ``pip install -e .`` on Linux, see
+``_build.py``) adds MLX primitives with ``eval_cpu``:
 
-``linear(layer, x)`` is the one dispatch point the model uses: the extension for <= ``MAX_ROWS``
-rows on the CPU; for more rows of a quantized layer on the CPU, dequantize-then-BLAS (plain MLX,
-far faster than ``mx.quantized_matmul`` there); otherwise the layer itself. Results agree with
-``mx.matmul`` / ``mx.quantized_matmul`` up to float32 summation order.
+- ``gemv`` (float32, bfloat16 or float16 weights) and ``qgemv`` (4/8-bit affine, MLX's packed layout):
+  <= 8 rows, each weight streamed once by a small thread pool;
+- ``fused_linear``: the same with an RMSNorm or SwiGLU prologue and a residual add, so a decoder layer
+  is five nodes (``model.TransformerBlock._decode``);
+- ``cached_attention``: q/k RMSNorm, RoPE, the KV-cache write and causal GQA attention;
+- ``tiled_matmul`` / ``tiled_swiglu``: prompt-sized products of half or 4/8-bit layers, the weight
+  widened a tile at a time into the process's ``cblas_sgemm``; ``to_float32``, ``dequantize``.
+
+Where it is not built (macOS, no compiler, another mlx version) or the default device is a GPU,
+everything falls back to plain MLX. ``linear(layer, x)`` is the dispatch point for plain products;
+``fused_linear``, ``cached_attention`` and ``swiglu_product`` are used by the model for inference
+with a KV cache only (``fusion_on``; ``no_fusion`` turns them off for op-level studies). Results
+agree with ``mx.matmul`` / ``mx.quantized_matmul`` / MLX's RoPE and SDPA up to float32 rounding.
 """
 
 from __future__ import annotations

@@ -53,7 +53,13 @@ namespace {
 
 // How long an idle worker spins before it sleeps. A decode step runs its products a few hundred
 // microseconds apart; waking a sleeping thread costs tens to hundreds of microseconds on a VM.
-constexpr int kSpinMicros = 500;
+int spin_micros() {
+  static const int us = [] {
+    const char* s = std::getenv("MLX_OPENELM_SPIN_US");
+    return s ? std::max(0, std::atoi(s)) : 500;
+  }();
+  return us;
+}
 
 // Work is cut into chunks claimed dynamically (one atomic word: generation | chunk count | next
 // chunk), so a thread that the OS does not schedule (a busy shared machine) delays nobody: the
@@ -128,7 +134,7 @@ class Pool {
       int spins = 0;
       while (wake_.load(std::memory_order_acquire) == seen) {
         pause();
-        if (++spins % 256 == 0 && std::chrono::steady_clock::now() - t0 > std::chrono::microseconds(kSpinMicros)) {
+        if (++spins % 256 == 0 && std::chrono::steady_clock::now() - t0 > std::chrono::microseconds(spin_micros())) {
           std::unique_lock<std::mutex> lk(mu_);
           cv_.wait(lk, [&] { return wake_.load(std::memory_order_acquire) != seen; });
           break;
@@ -280,6 +286,13 @@ inline float hsum16(v16f v) {
   return hsum(lo + hi);
 }
 
+inline v16f join8(v8f a, v8f b) {
+  v16f v;
+  std::memcpy(&v, &a, sizeof(a));
+  std::memcpy(reinterpret_cast<char*>(&v) + sizeof(a), &b, sizeof(b));
+  return v;
+}
+
 inline v16f load16w(const float* p) { return load16(p); }
 
 inline v16f load16w(const bf16_t* p) {
@@ -289,11 +302,7 @@ inline v16f load16w(const bf16_t* p) {
   std::memcpy(&v, &i, sizeof(v));
   return v;
 #else
-  v8f a = load8w(p), b = load8w(p + 8);
-  v16f v;
-  std::memcpy(&v, &a, sizeof(a));
-  std::memcpy(reinterpret_cast<char*>(&v) + sizeof(a), &b, sizeof(b));
-  return v;
+  return join8(load8w(p), load8w(p + 8));
 #endif
 }
 
@@ -304,11 +313,7 @@ inline v16f load16w(const _Float16* p) {
   std::memcpy(&v, &f, sizeof(v));
   return v;
 #else
-  v8f a = load8w(p), b = load8w(p + 8);
-  v16f v;
-  std::memcpy(&v, &a, sizeof(a));
-  std::memcpy(reinterpret_cast<char*>(&v) + sizeof(a), &b, sizeof(b));
-  return v;
+  return join8(load8w(p), load8w(p + 8));
 #endif
 }
 

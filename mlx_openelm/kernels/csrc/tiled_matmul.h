@@ -55,12 +55,12 @@ inline void widen_rows(const mx::Dtype& wt, const void* w, const float* sc, cons
   }
 }
 
-// silu(x @ Wg^T) * (x @ Wu^T) for a SwiGLU's fused first projection W = [Wg; Wu] (2H rows): a tile of
-// hidden units at a time (its gate and up rows widened, one sgemm, then the product), so the [M, 2H]
-// projection output is never held whole; out is [M, H].
-class TiledSwiGLU : public mx::UnaryPrimitive {
+// swiglu: W = [Wg; Wu] is a SwiGLU's fused first projection (2H rows) and the result is
+// silu(x Wg^T) * (x Wu^T), [M, H]: a tile of hidden units at a time (its gate and up rows widened, one
+// sgemm, then the product), so the [M, 2H] projection output is never held whole.
+class TiledMatmul : public mx::UnaryPrimitive {
  public:
-  TiledSwiGLU(mx::Stream s, int bits, int gs) : mx::UnaryPrimitive(s), bits_(bits), gs_(gs) {}
+  TiledMatmul(mx::Stream s, int bits, int gs, bool swiglu) : mx::UnaryPrimitive(s), bits_(bits), gs_(gs), swiglu_(swiglu) {}
 
   void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override {
     const mx::array& x = inputs[0];
@@ -69,14 +69,26 @@ class TiledSwiGLU : public mx::UnaryPrimitive {
     auto& enc = mx::cpu::get_command_encoder(stream());
     for (const auto& a : inputs) enc.set_input_array(a);
     enc.set_output_array(out);
-    const int64_t N2 = w.shape(0), H = N2 / 2, K = bits_ ? w.shape(1) * 32 / bits_ : w.shape(1), M = x.size() / K;
+    const int64_t N = w.shape(0), K = bits_ ? w.shape(1) * 32 / bits_ : w.shape(1), M = x.size() / K;
     const float* sp = bits_ ? inputs[2].data<float>() : nullptr;
     const float* bp = bits_ ? inputs[3].data<float>() : nullptr;
     enc.dispatch([=, xp = x.data<float>(), wp = w.data<void>(), wt = w.dtype(), op = out.data<float>(), bits = bits_,
-                  gs = gs_]() {
+                  gs = gs_, swiglu = swiglu_]() {
+      sgemm_fn gemm = blas_sgemm();
+      if (!swiglu) {
+        const int64_t T = std::max<int64_t>(16, std::min<int64_t>(N, (int64_t(2) << 20) / (K * 4)) / 16 * 16);
+        std::vector<float> buf(T * K);
+        for (int64_t n0 = 0; n0 < N; n0 += T) {
+          const int64_t n1 = std::min(N, n0 + T);
+          widen_rows(wt, wp, sp, bp, bits, gs, K, n0, n1, buf.data());
+          gemm(kRowMajor, kNoTrans, kTrans, (int)M, (int)(n1 - n0), (int)K, 1.0f, xp, (int)K, buf.data(), (int)K,
+               0.0f, op + n0, (int)N);
+        }
+        return;
+      }
+      const int64_t H = N / 2;
       const int64_t T = std::max<int64_t>(16, std::min<int64_t>(H, (int64_t(1) << 20) / (K * 4)) / 16 * 16);
       std::vector<float> buf(2 * T * K), tmp(M * 2 * T);
-      sgemm_fn gemm = blas_sgemm();
       for (int64_t h0 = 0; h0 < H; h0 += T) {
         const int64_t h1 = std::min(H, h0 + T), t = h1 - h0;
         widen_rows(wt, wp, sp, bp, bits, gs, K, h0, h1, buf.data());
@@ -92,51 +104,12 @@ class TiledSwiGLU : public mx::UnaryPrimitive {
     });
   }
   void eval_gpu(const std::vector<mx::array>&, mx::array&) override {
-    throw std::runtime_error("mlx_openelm.kernels.tiled_swiglu runs on the CPU only");
-  }
-  const char* name() const override { return "OpenELMTiledSwiGLU"; }
-  bool is_equivalent(const mx::Primitive&) const override { return false; }
-  std::vector<mx::Shape> output_shapes(const std::vector<mx::array>& inputs) override {
-    return {out_shape(inputs[0], inputs[1].shape(0) / 2)};
-  }
-
- private:
-  int bits_, gs_;
-};
-
-class TiledMatmul : public mx::UnaryPrimitive {
- public:
-  TiledMatmul(mx::Stream s, int bits, int gs) : mx::UnaryPrimitive(s), bits_(bits), gs_(gs) {}
-
-  void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override {
-    const mx::array& x = inputs[0];
-    const mx::array& w = inputs[1];
-    out.set_data(mx::allocator::malloc(out.nbytes()));
-    auto& enc = mx::cpu::get_command_encoder(stream());
-    for (const auto& a : inputs) enc.set_input_array(a);
-    enc.set_output_array(out);
-    const int64_t N = w.shape(0), K = bits_ ? w.shape(1) * 32 / bits_ : w.shape(1), M = x.size() / K;
-    const float* sp = bits_ ? inputs[2].data<float>() : nullptr;
-    const float* bp = bits_ ? inputs[3].data<float>() : nullptr;
-    enc.dispatch([=, xp = x.data<float>(), wp = w.data<void>(), wt = w.dtype(), op = out.data<float>(), bits = bits_,
-                  gs = gs_]() {
-      const int64_t T = std::max<int64_t>(16, std::min<int64_t>(N, (int64_t(2) << 20) / (K * 4)) / 16 * 16);
-      std::vector<float> buf(T * K);
-      sgemm_fn gemm = blas_sgemm();
-      for (int64_t n0 = 0; n0 < N; n0 += T) {
-        const int64_t n1 = std::min(N, n0 + T);
-        widen_rows(wt, wp, sp, bp, bits, gs, K, n0, n1, buf.data());
-        gemm(kRowMajor, kNoTrans, kTrans, (int)M, (int)(n1 - n0), (int)K, 1.0f, xp, (int)K, buf.data(), (int)K, 0.0f,
-             op + n0, (int)N);
-      }
-    });
-  }
-  void eval_gpu(const std::vector<mx::array>&, mx::array&) override {
     throw std::runtime_error("mlx_openelm.kernels.tiled_matmul runs on the CPU only");
   }
   std::vector<mx::array> vjp(const std::vector<mx::array>& primals, const std::vector<mx::array>& cotangents,
                              const std::vector<int>& argnums, const std::vector<mx::array>&) override {
     // d/dx only (the weights are frozen): cotangent @ W, W widened by MLX
+    if (swiglu_) throw std::invalid_argument("tiled_swiglu: inference only (no gradient)");
     for (int a : argnums)
       if (a != 0) throw std::invalid_argument("tiled_matmul: no gradient with respect to the weights");
     const auto& w = primals[1];
@@ -148,59 +121,48 @@ class TiledMatmul : public mx::UnaryPrimitive {
   const char* name() const override { return "OpenELMTiledMatmul"; }
   bool is_equivalent(const mx::Primitive& other) const override {
     const auto& o = static_cast<const TiledMatmul&>(other);
-    return bits_ == o.bits_ && gs_ == o.gs_;
+    return bits_ == o.bits_ && gs_ == o.gs_ && swiglu_ == o.swiglu_;
   }
   std::vector<mx::Shape> output_shapes(const std::vector<mx::array>& inputs) override {
-    return {out_shape(inputs[0], inputs[1].shape(0))};
+    return {out_shape(inputs[0], inputs[1].shape(0) / (swiglu_ ? 2 : 1))};
   }
 
  private:
   int bits_, gs_;
+  bool swiglu_;
 };
 
 bool has_blas() { return blas_sgemm() != nullptr; }
 
-mx::array tiled_swiglu(const mx::array& x, const mx::array& w, const std::optional<mx::array>& scales,
-                       const std::optional<mx::array>& biases, int group_size, int bits, mx::StreamOrDevice s) {
+mx::array tiled(const mx::array& x, const mx::array& w, const std::optional<mx::array>& scales,
+                const std::optional<mx::array>& biases, int group_size, int bits, bool swiglu, mx::StreamOrDevice s) {
   auto st = cpu_stream(s);
-  if (!has_blas()) throw std::runtime_error("tiled_swiglu: no cblas_sgemm in the process");
-  if (x.dtype() != mx::float32 || w.ndim() != 2 || w.shape(0) % 2)
-    throw std::invalid_argument("tiled_swiglu: x float32, w 2-D with an even number of rows [gate; up]");
+  if (!has_blas()) throw std::runtime_error("tiled products: no cblas_sgemm in the process");
+  if (x.dtype() != mx::float32 || w.ndim() != 2 || (swiglu && w.shape(0) % 2))
+    throw std::invalid_argument("tiled products: x float32, w 2-D (SwiGLU: an even number of rows [gate; up])");
   const int64_t K = bits ? (int64_t)w.shape(1) * 32 / bits : w.shape(1);
-  if (x.ndim() < 1 || x.shape(-1) != K) throw std::invalid_argument("tiled_swiglu: x's last axis must match w's K");
+  if (x.ndim() < 1 || x.shape(-1) != K) throw std::invalid_argument("tiled products: x's last axis must match w's K");
   auto c = [&](const mx::array& a) { return mx::contiguous(a, false, st); };
   std::vector<mx::array> in{c(x), c(w)};
   if (bits) {
     if ((bits != 4 && bits != 8) || !scales || !biases || scales->dtype() != mx::float32 ||
         biases->dtype() != mx::float32 || w.dtype() != mx::uint32 || group_size % 32 || K % group_size)
-      throw std::invalid_argument("tiled_swiglu: 4/8-bit w needs uint32 w and float32 scales/biases");
+      throw std::invalid_argument("tiled products: 4/8-bit w needs uint32 w and float32 scales/biases");
     in.push_back(c(*scales));
     in.push_back(c(*biases));
-  } else if (w.dtype() != mx::float32 && w.dtype() != mx::bfloat16 && w.dtype() != mx::float16) {
-    throw std::invalid_argument("tiled_swiglu: w must be float32, bfloat16 or float16 (or 4/8-bit)");
+  } else if (w.dtype() != mx::bfloat16 && w.dtype() != mx::float16 && !(swiglu && w.dtype() == mx::float32)) {
+    throw std::invalid_argument("tiled products: w must be bfloat16 or float16 (or 4/8-bit; SwiGLU also float32)");
   }
-  return mx::array(out_shape(x, w.shape(0) / 2), mx::float32, std::make_shared<TiledSwiGLU>(st, bits, group_size),
-                   std::move(in));
+  return mx::array(out_shape(x, w.shape(0) / (swiglu ? 2 : 1)), mx::float32,
+                   std::make_shared<TiledMatmul>(st, bits, group_size, swiglu), std::move(in));
 }
 
 mx::array tiled_matmul(const mx::array& x, const mx::array& w, const std::optional<mx::array>& scales,
                        const std::optional<mx::array>& biases, int group_size, int bits, mx::StreamOrDevice s) {
-  auto st = cpu_stream(s);
-  if (!has_blas()) throw std::runtime_error("tiled_matmul: no cblas_sgemm in the process");
-  if (x.dtype() != mx::float32 || w.ndim() != 2) throw std::invalid_argument("tiled_matmul: x float32, w 2-D");
-  const int64_t K = bits ? (int64_t)w.shape(1) * 32 / bits : w.shape(1);
-  if (x.ndim() < 1 || x.shape(-1) != K) throw std::invalid_argument("tiled_matmul: x's last axis must match w's K");
-  auto c = [&](const mx::array& a) { return mx::contiguous(a, false, st); };
-  std::vector<mx::array> in{c(x), c(w)};
-  if (bits) {
-    if ((bits != 4 && bits != 8) || !scales || !biases || scales->dtype() != mx::float32 ||
-        biases->dtype() != mx::float32 || w.dtype() != mx::uint32 || group_size % 32 || K % group_size)
-      throw std::invalid_argument("tiled_matmul: 4/8-bit w needs uint32 w and float32 scales/biases");
-    in.push_back(c(*scales));
-    in.push_back(c(*biases));
-  } else if (w.dtype() != mx::bfloat16 && w.dtype() != mx::float16) {
-    throw std::invalid_argument("tiled_matmul: w must be bfloat16 or float16 (or 4/8-bit)");
-  }
-  return mx::array(out_shape(x, w.shape(0)), mx::float32, std::make_shared<TiledMatmul>(st, bits, group_size),
-                   std::move(in));
+  return tiled(x, w, scales, biases, group_size, bits, false, s);
+}
+
+mx::array tiled_swiglu(const mx::array& x, const mx::array& w, const std::optional<mx::array>& scales,
+                       const std::optional<mx::array>& biases, int group_size, int bits, mx::StreamOrDevice s) {
+  return tiled(x, w, scales, biases, group_size, bits, true, s);
 }
