@@ -57,37 +57,7 @@ class FusedLinear : public mx::UnaryPrimitive {
     enc.dispatch([=, xp = x.data<float>(), op = out.data<float>(), pro = pro_, eps = eps_, bits = bits_, gs = gs_]() {
       std::vector<float> xa(M * K);
       apply_prologue(pro, xp, gp, eps, M, Kin, xa.data());
-      if (bits) {
-        const int64_t G = K / gs;
-        std::vector<float> xr(M * K), xs(M * G);
-        prepare_qx(xa.data(), M, K, gs, bits, xr.data(), xs.data());
-        const uint8_t* q = static_cast<const uint8_t*>(wp);
-        parallel_rows(N, N * K * bits / 8, [&](int64_t a, int64_t b) {
-          if (bits == 4)
-            qgemv_rows<4>((int)M, xr.data(), xs.data(), q, sp, bp, op, K, N, gs, a, b);
-          else
-            qgemv_rows<8>((int)M, xr.data(), xs.data(), q, sp, bp, op, K, N, gs, a, b);
-          if (rp)
-            for (int64_t m = 0; m < M; ++m)
-              for (int64_t n = a; n < b; ++n) op[m * N + n] += rp[m * N + n];
-        });
-        return;
-      }
-      auto run = [&](auto* W) {
-        using T = std::remove_const_t<std::remove_pointer_t<decltype(W)>>;
-        parallel_rows(N, N * K * (int64_t)sizeof(T), [&](int64_t a, int64_t b) {
-          gemv_rows<T>((int)M, xa.data(), W, op, K, N, a, b);
-          if (rp)
-            for (int64_t m = 0; m < M; ++m)
-              for (int64_t n = a; n < b; ++n) op[m * N + n] += rp[m * N + n];
-        });
-      };
-      if (wt == mx::float32)
-        run(static_cast<const float*>(wp));
-      else if (wt == mx::bfloat16)
-        run(static_cast<const bf16_t*>(wp));
-      else
-        run(static_cast<const _Float16*>(wp));
+      product(xa.data(), M, K, N, wt, wp, sp, bp, bits, gs, rp, op);
     });
   }
   void eval_gpu(const std::vector<mx::array>&, mx::array&) override {

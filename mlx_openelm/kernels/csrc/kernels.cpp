@@ -611,6 +611,67 @@ void qgemv_rows(int M, const float* xp, const float* xs, const uint8_t* w, const
   }
 }
 
+// x [M, K] -> xr (4-bit: per 32 values the 16 even then the 16 odd ones, matching the low and high
+// nibbles of 16 packed bytes; 8-bit: unchanged) and xs[m, g], the sum of x over group g.
+inline void prepare_qx(const float* xp, int64_t M, int64_t K, int gs, int bits, float* xr, float* xs) {
+  const int64_t G = K / gs;
+  for (int64_t m = 0; m < M; ++m) {
+    const float* src = xp + m * K;
+    float* dst = xr + m * K;
+    for (int64_t g = 0; g < G; ++g) {
+      float s = 0.f;
+      for (int j = 0; j < gs; ++j) s += src[g * gs + j];
+      xs[m * G + g] = s;
+    }
+    if (bits == 4) {
+      for (int64_t k = 0; k < K; k += 32)
+        for (int j = 0; j < 16; ++j) {
+          dst[k + j] = src[k + 2 * j];
+          dst[k + 16 + j] = src[k + 2 * j + 1];
+        }
+    } else {
+      std::memcpy(dst, src, K * sizeof(float));
+    }
+  }
+}
+
+// out[M, N] = x @ W^T (+ res) on every core, W float32/bfloat16/float16 (bits 0) or 4/8-bit affine:
+// the one product behind gemv, qgemv and fused_linear.
+inline void product(const float* x, int64_t M, int64_t K, int64_t N, mx::Dtype wt, const void* w, const float* sc,
+                    const float* bi, int bits, int gs, const float* res, float* out) {
+  auto add_res = [&](int64_t a, int64_t b) {
+    if (res)
+      for (int64_t m = 0; m < M; ++m)
+        for (int64_t n = a; n < b; ++n) out[m * N + n] += res[m * N + n];
+  };
+  if (bits) {
+    std::vector<float> xr(M * K), xs(M * (K / gs));
+    prepare_qx(x, M, K, gs, bits, xr.data(), xs.data());
+    const uint8_t* q = static_cast<const uint8_t*>(w);
+    parallel_rows(N, N * K * bits / 8, [&](int64_t a, int64_t b) {
+      if (bits == 4)
+        qgemv_rows<4>((int)M, xr.data(), xs.data(), q, sc, bi, out, K, N, gs, a, b);
+      else
+        qgemv_rows<8>((int)M, xr.data(), xs.data(), q, sc, bi, out, K, N, gs, a, b);
+      add_res(a, b);
+    });
+    return;
+  }
+  auto run = [&](auto* W) {
+    using T = std::remove_const_t<std::remove_pointer_t<decltype(W)>>;
+    parallel_rows(N, N * K * (int64_t)sizeof(T), [&](int64_t a, int64_t b) {
+      gemv_rows<T>((int)M, x, W, out, K, N, a, b);
+      add_res(a, b);
+    });
+  };
+  if (wt == mx::float32)
+    run(static_cast<const float*>(w));
+  else if (wt == mx::bfloat16)
+    run(static_cast<const bf16_t*>(w));
+  else
+    run(static_cast<const _Float16*>(w));
+}
+
 // ------------------------------------------------------------------ primitives
 
 mx::Shape out_shape(const mx::array& x, int64_t n) {
@@ -632,19 +693,9 @@ class Gemv : public mx::UnaryPrimitive {
     enc.set_input_array(w);
     enc.set_output_array(out);
     const int64_t K = w.shape(1), N = w.shape(0), M = x.size() / K;
-    auto run = [&](auto* wp) {
-      using W = std::remove_const_t<std::remove_pointer_t<decltype(wp)>>;
-      enc.dispatch([xp = x.data<float>(), wp, op = out.data<float>(), M, N, K]() {
-        parallel_rows(N, N * K * (int64_t)sizeof(W),
-                      [&](int64_t a, int64_t b) { gemv_rows<W>((int)M, xp, wp, op, K, N, a, b); });
-      });
-    };
-    if (w.dtype() == mx::float32)
-      run(w.data<float>());
-    else if (w.dtype() == mx::bfloat16)
-      run(reinterpret_cast<const bf16_t*>(w.data<uint16_t>()));
-    else
-      run(reinterpret_cast<const _Float16*>(w.data<uint16_t>()));
+    enc.dispatch([xp = x.data<float>(), wp = w.data<void>(), wt = w.dtype(), op = out.data<float>(), M, N, K]() {
+      product(xp, M, K, N, wt, wp, nullptr, nullptr, 0, 0, nullptr, op);
+    });
   }
   void eval_gpu(const std::vector<mx::array>&, mx::array&) override {
     throw std::runtime_error("mlx_openelm.kernels.gemv runs on the CPU only");
@@ -687,30 +738,6 @@ class Gemv : public mx::UnaryPrimitive {
   }
 };
 
-// x [M, K] -> xr (4-bit: per 32 values the 16 even then the 16 odd ones, matching the low and high
-// nibbles of 16 packed bytes; 8-bit: unchanged) and xs[m, g], the sum of x over group g.
-inline void prepare_qx(const float* xp, int64_t M, int64_t K, int gs, int bits, float* xr, float* xs) {
-  const int64_t G = K / gs;
-  for (int64_t m = 0; m < M; ++m) {
-    const float* src = xp + m * K;
-    float* dst = xr + m * K;
-    for (int64_t g = 0; g < G; ++g) {
-      float s = 0.f;
-      for (int j = 0; j < gs; ++j) s += src[g * gs + j];
-      xs[m * G + g] = s;
-    }
-    if (bits == 4) {
-      for (int64_t k = 0; k < K; k += 32)
-        for (int j = 0; j < 16; ++j) {
-          dst[k + j] = src[k + 2 * j];
-          dst[k + 16 + j] = src[k + 2 * j + 1];
-        }
-    } else {
-      std::memcpy(dst, src, K * sizeof(float));
-    }
-  }
-}
-
 class QGemv : public mx::UnaryPrimitive {
  public:
   QGemv(mx::Stream s, int group_size, int bits) : mx::UnaryPrimitive(s), gs_(group_size), bits_(bits) {}
@@ -728,18 +755,9 @@ class QGemv : public mx::UnaryPrimitive {
     enc.set_input_array(bi);
     enc.set_output_array(out);
     const int64_t N = w.shape(0), K = w.shape(1) * 32 / bits_, M = x.size() / K;
-    enc.dispatch([xp = x.data<float>(), wp = w.data<uint8_t>(), sp = sc.data<float>(), bp = bi.data<float>(),
+    enc.dispatch([xp = x.data<float>(), wp = w.data<void>(), sp = sc.data<float>(), bp = bi.data<float>(),
                   op = out.data<float>(), M, N, K, gs = gs_, bits = bits_]() {
-      const int64_t G = K / gs;
-      std::vector<float> xr(M * K), xs(M * G);
-      prepare_qx(xp, M, K, gs, bits, xr.data(), xs.data());
-      const int64_t bytes = N * K * bits / 8;
-      parallel_rows(N, bytes, [&](int64_t a, int64_t b) {
-        if (bits == 4)
-          qgemv_rows<4>((int)M, xr.data(), xs.data(), wp, sp, bp, op, K, N, gs, a, b);
-        else
-          qgemv_rows<8>((int)M, xr.data(), xs.data(), wp, sp, bp, op, K, N, gs, a, b);
-      });
+      product(xp, M, K, N, mx::uint32, wp, sp, bp, bits, gs, nullptr, op);
     });
   }
   void eval_gpu(const std::vector<mx::array>&, mx::array&) override {
@@ -768,6 +786,55 @@ class QGemv : public mx::UnaryPrimitive {
   int gs_, bits_;
 };
 
+// rows [n0, n1) of W [N, K] as float32 into dst [(n1 - n0), K]: W float32/bfloat16/float16 (bits 0) or
+// 4/8-bit affine (MLX's packed layout, one scale and bias per gs values). Serves dequantize, to_float32
+// and the tiled prompt products.
+inline void widen_rows(const mx::Dtype& wt, const void* w, const float* sc, const float* bi, int bits, int gs,
+                       int64_t K, int64_t n0, int64_t n1, float* dst) {
+  if (bits) {
+    const int64_t G = K / gs;
+    const uint8_t* q = static_cast<const uint8_t*>(w);
+    for (int64_t n = n0; n < n1; ++n) {
+      const uint8_t* wr = q + n * K * bits / 8;
+      float* o = dst + (n - n0) * K;
+      for (int64_t g = 0; g < G; ++g) {
+        const float s = sc[n * G + g], c = bi[n * G + g];
+        const int64_t k0 = g * gs;
+        if (bits == 4) {
+          for (int j = 0; j < gs / 2; ++j) {
+            const uint8_t v = wr[k0 / 2 + j];
+            o[k0 + 2 * j] = s * (float)(v & 15) + c;
+            o[k0 + 2 * j + 1] = s * (float)(v >> 4) + c;
+          }
+        } else {
+          for (int j = 0; j < gs; ++j) o[k0 + j] = s * (float)wr[k0 + j] + c;
+        }
+      }
+    }
+    return;
+  }
+  const int64_t i0 = n0 * K, i1 = n1 * K;
+  if (wt == mx::float32) {
+    std::memcpy(dst, static_cast<const float*>(w) + i0, (i1 - i0) * sizeof(float));
+    return;
+  }
+  auto widen_half = [&](auto* h) {
+    int64_t i = i0;
+    for (; i + 8 <= i1; i += 8) {
+      v8f v = load8w(h + i);
+      std::memcpy(dst + (i - i0), &v, sizeof(v));
+    }
+    for (; i < i1; ++i) dst[i - i0] = to_float(h[i]);
+  };
+  if (wt == mx::bfloat16)
+    widen_half(static_cast<const bf16_t*>(w));
+  else
+    widen_half(static_cast<const _Float16*>(w));
+}
+
+// swiglu: W = [Wg; Wu] is a SwiGLU's fused first projection (2H rows) and the result is
+// silu(x Wg^T) * (x Wu^T), [M, H]: a tile of hidden units at a time (its gate and up rows widened, one
+// sgemm, then the product), so the [M, 2H] projection output is never held whole.
 // w = scale * q + bias as float32 [N, K] (for many-row products: then BLAS).
 class Dequant : public mx::UnaryPrimitive {
  public:
@@ -784,27 +851,10 @@ class Dequant : public mx::UnaryPrimitive {
     enc.set_input_array(bi);
     enc.set_output_array(out);
     const int64_t N = w.shape(0), K = w.shape(1) * 32 / bits_;
-    enc.dispatch([wp = w.data<uint8_t>(), sp = sc.data<float>(), bp = bi.data<float>(), op = out.data<float>(), N, K,
+    enc.dispatch([wp = w.data<void>(), sp = sc.data<float>(), bp = bi.data<float>(), op = out.data<float>(), N, K,
                   gs = gs_, bits = bits_]() {
-      const int64_t G = K / gs;
       parallel_rows(N, N * K * 4, [&](int64_t a, int64_t b) {
-        for (int64_t n = a; n < b; ++n) {
-          const uint8_t* wr = wp + n * K * bits / 8;
-          float* o = op + n * K;
-          for (int64_t g = 0; g < G; ++g) {
-            const float s = sp[n * G + g], c = bp[n * G + g];
-            const int64_t k0 = g * gs;
-            if (bits == 4) {
-              for (int j = 0; j < gs / 2; ++j) {
-                uint8_t v = wr[k0 / 2 + j];
-                o[k0 + 2 * j] = s * (float)(v & 15) + c;
-                o[k0 + 2 * j + 1] = s * (float)(v >> 4) + c;
-              }
-            } else {
-              for (int j = 0; j < gs; ++j) o[k0 + j] = s * (float)wr[k0 + j] + c;
-            }
-          }
-        }
+        widen_rows(mx::uint32, wp, sp, bp, bits, gs, K, a, b, op + a * K);
       });
     });
   }
@@ -836,27 +886,10 @@ class ToFloat : public mx::UnaryPrimitive {
     auto& enc = mx::cpu::get_command_encoder(stream());
     enc.set_input_array(w);
     enc.set_output_array(out);
-    const int64_t n = w.size();
-    const bool bf = w.dtype() == mx::bfloat16;
-    enc.dispatch([src = w.data<uint16_t>(), op = out.data<float>(), n, bf]() {
-      const int64_t rows = (n + 4095) / 4096;
-      parallel_rows(rows, n * 6, [&](int64_t a, int64_t b) {
-        const int64_t i0 = a * 4096, i1 = std::min(n, b * 4096);
-        int64_t i = i0;
-        if (bf) {
-          for (; i + 8 <= i1; i += 8) {
-            v8f v = load8w(reinterpret_cast<const bf16_t*>(src + i));
-            std::memcpy(op + i, &v, sizeof(v));
-          }
-          for (; i < i1; ++i) op[i] = to_float(bf16_t{src[i]});
-        } else {
-          const _Float16* h = reinterpret_cast<const _Float16*>(src);
-          for (; i + 8 <= i1; i += 8) {
-            v8f v = load8w(h + i);
-            std::memcpy(op + i, &v, sizeof(v));
-          }
-          for (; i < i1; ++i) op[i] = (float)h[i];
-        }
+    const int64_t K = w.ndim() ? w.shape(-1) : 1, N = w.size() / std::max<int64_t>(K, 1);
+    enc.dispatch([wp = w.data<void>(), wt = w.dtype(), op = out.data<float>(), N, K]() {
+      parallel_rows(N, N * K * 6, [&](int64_t a, int64_t b) {
+        widen_rows(wt, wp, nullptr, nullptr, 0, 0, K, a, b, op + a * K);
       });
     });
   }

@@ -18,46 +18,6 @@ inline sgemm_fn blas_sgemm() {
 
 constexpr int kRowMajor = 101, kNoTrans = 111, kTrans = 112;  // CBLAS enum values
 
-// rows [n0, n1) of W as float32 into dst [(n1 - n0), K]
-inline void widen_rows(const mx::Dtype& wt, const void* w, const float* sc, const float* bi, int bits, int gs,
-                       int64_t K, int64_t n0, int64_t n1, float* dst) {
-  if (bits) {
-    const int64_t G = K / gs;
-    const uint8_t* q = static_cast<const uint8_t*>(w);
-    for (int64_t n = n0; n < n1; ++n) {
-      const uint8_t* wr = q + n * K * bits / 8;
-      float* o = dst + (n - n0) * K;
-      for (int64_t g = 0; g < G; ++g) {
-        const float s = sc[n * G + g], c = bi[n * G + g];
-        const int64_t k0 = g * gs;
-        if (bits == 4) {
-          for (int j = 0; j < gs / 2; ++j) {
-            const uint8_t v = wr[k0 / 2 + j];
-            o[k0 + 2 * j] = s * (float)(v & 15) + c;
-            o[k0 + 2 * j + 1] = s * (float)(v >> 4) + c;
-          }
-        } else {
-          for (int j = 0; j < gs; ++j) o[k0 + j] = s * (float)wr[k0 + j] + c;
-        }
-      }
-    }
-    return;
-  }
-  const int64_t i0 = n0 * K, i1 = n1 * K;
-  if (wt == mx::float32) {
-    std::memcpy(dst, static_cast<const float*>(w) + i0, (i1 - i0) * sizeof(float));
-  } else if (wt == mx::bfloat16) {
-    const bf16_t* h = static_cast<const bf16_t*>(w);
-    for (int64_t i = i0; i < i1; ++i) dst[i - i0] = to_float(h[i]);
-  } else {
-    const _Float16* h = static_cast<const _Float16*>(w);
-    for (int64_t i = i0; i < i1; ++i) dst[i - i0] = (float)h[i];
-  }
-}
-
-// swiglu: W = [Wg; Wu] is a SwiGLU's fused first projection (2H rows) and the result is
-// silu(x Wg^T) * (x Wu^T), [M, H]: a tile of hidden units at a time (its gate and up rows widened, one
-// sgemm, then the product), so the [M, 2H] projection output is never held whole.
 // W as float32 by this extension's own multi-threaded primitives (MLX's CPU astype/dequantize are
 // 0.4 G / 15 M values/s): for the gradient with respect to x when training on a half or quantized base.
 mx::array widened(const std::vector<mx::array>& p, int bits, int gs, mx::Stream st) {
