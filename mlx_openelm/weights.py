@@ -36,10 +36,15 @@ def float_dtype_of(model: nn.Module) -> str:
     return "float32"
 
 
+def matrix_weights(model: nn.Module) -> Dict[str, mx.array]:
+    """``{name: weight}`` of the plain Linear and Embedding layers: what ``ComputePlan.matrices`` keeps."""
+    return {f"{path}.weight": m.weight for path, m in model.named_modules() if type(m) in (nn.Linear, nn.Embedding)}
+
+
 def dtype_label(model: nn.Module) -> str:
     """``float_dtype_of``, or ``"float32 (float16 matrices)"`` where the matrices stay in a half dtype and the
     rest (the compute dtype) is float32 (``ComputePlan.matrices``)."""
-    mats = {m.weight.dtype for _, m in model.named_modules() if type(m) in (nn.Linear, nn.Embedding)}
+    mats = {w.dtype for w in matrix_weights(model).values()}
     rest = {v.dtype for k, v in tree_flatten(model.parameters()) if k.endswith("norm.weight")}
     if len(mats) == 1 and len(rest) == 1 and mats != rest and mx.float32 in rest:
         return f"float32 ({DTYPE_NAMES.get(mats.pop())} matrices)"
@@ -169,9 +174,6 @@ def apply_plan(model: nn.Module, plan: ComputePlan) -> nn.Module:
     if plan.dequantize:
         dequantize(model, target)
     if target is not None:
-        keep = set()
-        if plan.matrices:
-            keep = {f"{path}.weight" for path, m in model.named_modules() if type(m) in (nn.Linear, nn.Embedding)}
-        cast_parameters(model, target, skip=keep)
+        cast_parameters(model, target, skip=set(matrix_weights(model)) if plan.matrices else ())
     mx.eval(model.parameters())
     return model

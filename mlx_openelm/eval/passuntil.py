@@ -39,6 +39,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+from ..data import read_json_records
 from ..utils import Progress, write_text
 
 if TYPE_CHECKING:  # the tokenizer module imports mlx-lm (slow): the CLI reads this module's defaults first
@@ -127,13 +128,7 @@ def read_items(path) -> List[Item]:
         raise FileNotFoundError(f"data file {path} does not exist")
     names = set(Item.__dataclass_fields__)
     items = []
-    for n, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{n} is not valid JSON: {e.msg}") from e
+    for n, rec in read_json_records(path, jsonl=True):
         if "target" in rec and "targets" not in rec:
             rec["targets"] = [rec.pop("target")]
         missing = [k for k in ("prompt", "targets") if k not in rec]

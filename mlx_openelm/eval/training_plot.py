@@ -23,11 +23,12 @@ a segment restarts where the elapsed time or the iteration goes down (a resumed 
 from __future__ import annotations
 
 import ast
-import json
 import math
 import re
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Union
+
+from ..data import read_json_records
 
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
 EPOCH = re.compile(r"Epoch:\s*(\d+)\s*\[\s*(\d+)\s*/\s*(\d+)\s*\]")
@@ -60,19 +61,12 @@ def read_metrics(path: Union[str, Path]) -> Dict[str, List[List[float]]]:
     validation fields keep their ``val_`` names. A repeated step (a resumed run) keeps its last value."""
     path = Path(path)
     series: Dict[str, Dict[float, float]] = {}
-    with open(path) as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path.name} line {n} is not valid JSON ({e.msg})") from e
-            if not isinstance(row, dict) or "step" not in row:
-                raise ValueError(f"{path.name} line {n} has no step; is it a metrics.jsonl?")
-            for k, v in row.items():
-                if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool):
-                    series.setdefault(k, {})[float(row["step"])] = float(v)
+    for n, row in read_json_records(path, jsonl=True):
+        if not isinstance(row, dict) or "step" not in row:
+            raise ValueError(f"{path.name} line {n} has no step; is it a metrics.jsonl?")
+        for k, v in row.items():
+            if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool):
+                series.setdefault(k, {})[float(row["step"])] = float(v)
     if not series:
         raise ValueError(f"{path.name} holds no metrics")
     return {k: [[s, v] for s, v in sorted(d.items())] for k, d in series.items()}
