@@ -78,6 +78,67 @@ def test_qgemv_matches_the_packed_layout_and_quantized_matmul(bits, group_size, 
     assert rel_err(y, f64(theirs)) < 3e-6
 
 
+needs_vnni = pytest.mark.skipif(not (kernels.available() and kernels._lib.has_vnni()), reason="no AVX-512 VNNI build")
+
+
+@needs_vnni
+@pytest.mark.parametrize("K,group_size", [(384, 32), (384, 64), (384, 128), (1280, 64), (640, 128),
+                                          (192, 32), (192, 64)])  # 192: not whole 128-weight chunks: float path
+def test_one_row_4_bit_integer_dots_match_float64_like_the_float_path(K, group_size):
+    """The VNNI path writes x as three int8 parts per group (block floating point): its error must stay at
+    the float path's level (both measured ~2-8e-7 of the largest output here), against float64 of MLX's layout."""
+    N = 200
+    k1, k2 = mx.random.split(mx.random.key(K + group_size))
+    x = mx.random.normal((1, 1, K), key=k1) * mx.exp(mx.random.normal((1, 1, K), key=k2))  # spread magnitudes
+    wq, scales, biases = mx.quantize(mx.random.normal((N, K), key=k2) * K**-0.5, group_size, 4)
+    ref = f64(x) @ unpack_affine(wq, scales, biases, group_size, 4).T
+    vnni = kernels.qgemv(x, wq, scales, biases, group_size, 4)
+    with kernels.no_vnni():
+        plain = kernels.qgemv(x, wq, scales, biases, group_size, 4)
+    assert rel_err(vnni, ref) < 1.5e-6 and rel_err(plain, ref) < 1.5e-6
+    assert rel_err(vnni, ref) < 4 * max(rel_err(plain, ref), 2.5e-7)
+
+
+@needs_vnni
+def test_integer_dots_carry_a_digit_of_128_and_keep_zero_and_wide_groups_close():
+    """x0 = round(x / sx) leaves a remainder in [-1/2, 1/2]; times 256 that is 128 exactly for x = 3 + 127.5/256
+    (sx = 1 beside a group maximum of 100): the digit 128 does not fit int8 and must carry into x0 (clamping it
+    to 127 instead errs by 1.5e-5 a value, 4e-6 of the bound below). Then a group of zeros and one spanning
+    1e-4..1e4, where block floating point errs relative to the group's largest value (measured 7e-7 of the
+    bound, the float path 2e-7)."""
+    K, N, gs = 256, 64, 64
+    wq, scales, biases = mx.quantize(mx.random.normal((N, K), key=mx.random.key(3)) * 0.1, gs, 4)
+    W = unpack_affine(wq, scales, biases, gs, 4)
+
+    def err(xs):
+        ref = xs.astype(np.float64) @ W.T
+        bound = np.abs(xs.astype(np.float64)) @ np.abs(W).T  # the scale of float32 rounding in any order
+        y = np.array(kernels.qgemv(mx.array(xs)[None], wq, scales, biases, gs, 4), dtype=np.float64)
+        return (np.abs(y - ref) / bound).max()
+
+    ties = np.full(K, 3 + 127.5 / 256, np.float32)
+    ties[::64] = 100.0
+    assert err(ties) < 1e-6  # measured 3e-7 (the float path 1e-7); without the carry 4e-6
+    wide = ties.copy()
+    wide[64:128] = 0.0
+    wide[128:192] = np.geomspace(1e-4, 1e4, 64, dtype=np.float32) * np.where(np.arange(64) % 2, -1, 1)
+    assert err(wide) < 1.5e-6
+
+
+@needs_vnni
+def test_integer_dots_leave_inf_and_nan_to_the_float_path():
+    K, N = 256, 8
+    wq, scales, biases = mx.quantize(mx.random.normal((N, K), key=mx.random.key(5)), 64, 4)
+    for bad in (np.inf, np.nan):
+        xs = np.ones(K, np.float32)
+        xs[70] = bad
+        y = np.array(kernels.qgemv(mx.array(xs)[None], wq, scales, biases, 64, 4))
+        with kernels.no_vnni():
+            ref = np.array(kernels.qgemv(mx.array(xs)[None], wq, scales, biases, 64, 4))
+        assert np.array_equal(np.isnan(y), np.isnan(ref)) and np.array_equal(np.isinf(y), np.isinf(ref))
+        assert not np.isfinite(y).any()
+
+
 @needs_ext
 @pytest.mark.parametrize("bits,group_size", [(4, 64), (8, 32), (4, 128)])
 def test_dequantize_matches_the_packed_layout(bits, group_size):
@@ -331,6 +392,9 @@ def _run_kernel(qkv, qn, kn, kc, vc, offset, H, Hkv, D):
 # (B, L, offset, C, H, Hkv, D, qk norm): decode (L=1) and chunks (1 < L < 64: one query row per work item),
 # prefill from 0 with L >= 64 (blocks of 8 query rows; 70 and 67 leave a partial last block), a chunk of 100
 # at offset 500 (blocks of 8 after an offset); D 16 and 64; GQA ratios 1, 3, 4; B = 2 throughout but one.
+# With L >= 16 and D a multiple of 64 the register-blocked path runs (attend_block: blocks of 16 positions,
+# query rows four at a time): the d64 cases with L >= 49, one of 17 rows x GQA 3 (a last group of 3 rows)
+# and D = 128 (OpenELM-3B's head size).
 ATTENTION_CASES = {
     "decode-gqa4-d64-norm": (2, 1, 300, 512, 8, 2, 64, True),
     "decode-gqa1-d16": (2, 1, 37, 64, 3, 3, 16, False),
@@ -341,6 +405,8 @@ ATTENTION_CASES = {
     "prefill-gqa3-d16-norm-full-cache": (1, 67, 0, 67, 3, 1, 16, True),
     "prefill-gqa4-d16-norm": (2, 96, 0, 256, 8, 2, 16, True),
     "chunk-at-500-gqa4-d64-norm": (2, 100, 500, 640, 4, 1, 64, True),
+    "prefill-gqa3-d64-norm-partial-group": (2, 17, 0, 32, 6, 2, 64, True),
+    "prefill-gqa5-d128-norm": (1, 40, 0, 64, 10, 2, 128, True),
 }
 
 

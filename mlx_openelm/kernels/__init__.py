@@ -8,7 +8,8 @@ dispatch than to compute. ``_ext`` (built from ``csrc/`` by ``pip install -e .``
 ``_build.py``) adds MLX primitives with ``eval_cpu``:
 
 - ``gemv`` (float32, bfloat16 or float16 weights) and ``qgemv`` (4/8-bit affine, MLX's packed layout):
-  <= 8 rows, each weight streamed once by a small thread pool;
+  <= 8 rows, each weight streamed once by a small thread pool; one row of a 4-bit layer by exact
+  integer dot products where the CPU has AVX-512 VNNI (x as three int8 parts, ``csrc/qgemv_vnni.h``);
 - ``fused_linear``: the same with an RMSNorm or SwiGLU prologue and a residual add, so a decoder layer
   is five nodes (``model.TransformerBlock._decode``);
 - ``cached_attention``: q/k RMSNorm, RoPE, the KV-cache write and causal GQA attention;
@@ -80,8 +81,9 @@ def describe() -> str:
         return "MLX (GPU)"
     if _lib is None:
         return f"MLX built-in (CPU fast path {_STATUS})"
+    vnni = ", 4-bit decode by VNNI integer dots" if _lib.has_vnni() else ""
     return (f"mlx_openelm CPU kernels: products of <= {MAX_ROWS} rows (float32/bfloat16/float16 or 4/8-bit weights, "
-            f"{_lib.num_threads()} threads), cached attention; MLX/BLAS otherwise")
+            f"{_lib.num_threads()} threads{vnni}), cached attention; MLX/BLAS otherwise")
 
 
 @contextmanager
@@ -93,6 +95,17 @@ def disabled():
         yield
     finally:
         _lib = saved
+
+
+@contextmanager
+def no_vnni():
+    """Within the block, one-row 4-bit products take the float path (to compare the two in one process)."""
+    saved = _lib.set_vnni(False) if _lib is not None else None
+    try:
+        yield
+    finally:
+        if _lib is not None:
+            _lib.set_vnni(saved)
 
 
 def set_threads(n: int) -> None:

@@ -126,6 +126,87 @@ inline void attend_rows(const AttnShape& s, const float* q, const float* kc, con
   }
 }
 
+// Query rows [l0, l1) of kv head `g` (a prompt): the same result as attend_rows, computed as two
+// register-blocked products. Scores: four query rows at a time against 16 keys of K^T ([D, Sp], transposed
+// once per head by the caller), 4 * D broadcast FMAs per 64 scores and no horizontal sums (attend_rows
+// needs one a score: 34 GFLOP/s on a 512-token prompt, ~3x less). Values: four output rows of 64 values
+// in 16 registers, each value row read once per four query rows. Rows are ordered (l, r): the rep query
+// heads of a position are adjacent, so a group of four shares (nearly) one causal limit.
+inline void attend_block(const AttnShape& s, const float* q, const float* kt, int64_t Sp, const float* vc, float* out,
+                         int64_t b, int64_t g, int64_t l0, int64_t l1, std::vector<float>& scratch) {
+  const int64_t rep = s.H / s.Hkv, D = s.D, R = (l1 - l0) * rep;
+  scratch.resize(R * Sp);
+  float* sc = scratch.data();
+  const float* vb = vc + (b * s.Hkv + g) * s.C * D;
+  auto at = [&](int64_t i) { return ((b * s.L + l0 + i / rep) * s.H + g * rep + i % rep) * D; };  // row i in q/out
+  auto keys = [&](int64_t i) { return s.offset + l0 + i / rep + 1; };  // keys row i sees
+  for (int64_t i0 = 0; i0 < R; i0 += 4) {
+    const int64_t n = std::min<int64_t>(4, R - i0), lim = (keys(i0 + n - 1) + 15) / 16 * 16;
+    const float* qr[4];
+    for (int64_t r = 0; r < 4; ++r) qr[r] = q + at(i0 + std::min(r, n - 1));
+    for (int64_t j = 0; j < lim; j += 16) {
+      v16f a0{}, a1{}, a2{}, a3{};
+      for (int64_t d = 0; d < D; ++d) {
+        const v16f k = load16(kt + d * Sp + j);
+        a0 += qr[0][d] * k;
+        a1 += qr[1][d] * k;
+        a2 += qr[2][d] * k;
+        a3 += qr[3][d] * k;
+      }
+      const v16f a[4] = {a0, a1, a2, a3};
+      for (int64_t r = 0; r < n; ++r) {
+        const v16f v = a[r] * s.scale;
+        std::memcpy(sc + (i0 + r) * Sp + j, &v, sizeof(v));
+      }
+    }
+    // causal softmax of each row, unnormalised: exp(s - max) on the row's keys, 0 up to the group's limit
+    float inv[4];
+    for (int64_t r = 0; r < n; ++r) {
+      float* p = sc + (i0 + r) * Sp;
+      const int64_t S = keys(i0 + r);
+      for (int64_t j = S; j < lim; ++j) p[j] = -INFINITY;
+      v16f mv = load16(p);
+      for (int64_t j = 16; j < lim; j += 16) {
+        const v16f t = load16(p + j);
+        mv = t > mv ? t : mv;
+      }
+      const float m = hmax16(mv);
+      v16f sum{};
+      for (int64_t j = 0; j < lim; j += 16) {
+        const v16f t = load16(p + j);
+        v16f e = exp16(t - m);
+        e = t == -INFINITY ? v16f{} : e;
+        std::memcpy(p + j, &e, sizeof(e));
+        sum += e;
+      }
+      inv[r] = 1.0f / hsum16(sum);
+    }
+    const float* pr[4];
+    for (int64_t r = 0; r < 4; ++r) pr[r] = sc + (i0 + std::min(r, n - 1)) * Sp;
+    for (int64_t d0 = 0; d0 < D; d0 += 64) {
+      v16f o[4][4] = {};
+      for (int64_t j = 0; j < lim; ++j) {
+        const float* vj = vb + j * D + d0;
+        const v16f v0 = load16(vj), v1 = load16(vj + 16), v2 = load16(vj + 32), v3 = load16(vj + 48);
+        for (int64_t r = 0; r < 4; ++r) {
+          const float p = pr[r][j];
+          o[r][0] += p * v0;
+          o[r][1] += p * v1;
+          o[r][2] += p * v2;
+          o[r][3] += p * v3;
+        }
+      }
+      for (int64_t r = 0; r < n; ++r) {
+        float* dst = out + at(i0 + r) + d0;
+        for (int64_t c = 0; c < 4; ++c) {
+          const v16f v = o[r][c] * inv[r];
+          std::memcpy(dst + 16 * c, &v, sizeof(v));
+        }
+      }
+    }
+  }
+}
+
 std::atomic<int64_t> g_cache_copies{0};  // how often a cache had to be copied (tests: not while decoding)
 
 struct StridedView {
@@ -242,14 +323,31 @@ class CachedAttention : public mx::UnaryPrimitive {
             std::memcpy(qd, xp + (b * s.L + l) * W + hh * D, D * sizeof(float));
             norm_rope(qd, s.qk_norm ? qnp : nullptr, s.eps, cs.data() + l * h, sn.data() + l * h, (int)D);
           }
+      // prompts (16 rows or more, head_dim a multiple of 64): attend_block on K^T, transposed here
+      const bool blocked = s.L >= 16 && D % 64 == 0;
+      const int64_t Sp = (s.offset + s.L + 15) / 16 * 16;
+      std::vector<float> kt(blocked ? s.B * s.Hkv * D * Sp : 0);
+      if (blocked)
+        pool().run(s.B * s.Hkv, [&](int64_t bg) {
+          const float* src = kp + bg * s.C * D;
+          float* dst = kt.data() + bg * D * Sp;
+          const int64_t S = s.offset + s.L;
+          for (int64_t j0 = 0; j0 < Sp; j0 += 16)
+            for (int64_t d = 0; d < D; ++d)
+              for (int64_t j = j0; j < j0 + 16; ++j) dst[d * Sp + j] = j < S ? src[j * D + d] : 0.f;
+        });
       // work items (batch, kv head, block of query rows); later rows see more keys: those go first
-      const int64_t blk = s.L >= 64 ? 8 : 1;
+      const int64_t blk = blocked ? 16 : s.L >= 64 ? 8 : 1;
       const int64_t nblk = (s.L + blk - 1) / blk, items = s.B * s.Hkv * nblk;
       std::function<void(int64_t)> job = [&](int64_t it) {
         thread_local std::vector<float> scratch;
         const int64_t i = items - 1 - it;
         const int64_t lb = i % nblk, g = (i / nblk) % s.Hkv, b = i / (nblk * s.Hkv);
-        attend_rows(s, q.data(), kp, vp, op, b, g, lb * blk, std::min(s.L, (lb + 1) * blk), scratch);
+        const int64_t l0 = lb * blk, l1 = std::min(s.L, (lb + 1) * blk);
+        if (blocked)
+          attend_block(s, q.data(), kt.data() + (b * s.Hkv + g) * D * Sp, Sp, vp, op, b, g, l0, l1, scratch);
+        else
+          attend_rows(s, q.data(), kp, vp, op, b, g, l0, l1, scratch);
       };
       pool().run(items, job);
     });
