@@ -34,6 +34,19 @@ mx::array widened(const std::vector<mx::array>& p, int bits, int gs, mx::Stream 
 // The tile is a transient outside MLX's allocator (its peak-memory figures do not count it).
 constexpr int64_t kTileBytes = int64_t(8) << 20;
 
+// Scratch floats from MLX's allocator (so its active/peak memory figures count them), freed with it.
+class Scratch {
+ public:
+  explicit Scratch(size_t n) : data_(mx::allocator::malloc(n * sizeof(float))) {}
+  float* data() {
+    mx::allocator::Buffer b = data_.buffer();
+    return static_cast<float*>(b.raw_ptr());
+  }
+
+ private:
+  mx::allocator::Data data_;
+};
+
 class TiledMatmul : public mx::UnaryPrimitive {
  public:
   TiledMatmul(mx::Stream s, int bits, int gs, bool swiglu) : mx::UnaryPrimitive(s), bits_(bits), gs_(gs), swiglu_(swiglu) {}
@@ -53,7 +66,7 @@ class TiledMatmul : public mx::UnaryPrimitive {
       sgemm_fn gemm = blas_sgemm();
       if (!swiglu) {
         const int64_t T = std::max<int64_t>(16, std::min<int64_t>(N, kTileBytes / (K * 4)) / 16 * 16);
-        std::vector<float> buf(T * K);
+        Scratch buf(T * K);
         for (int64_t n0 = 0; n0 < N; n0 += T) {
           const int64_t n1 = std::min(N, n0 + T);
           widen_rows(wt, wp, sp, bp, bits, gs, K, n0, n1, buf.data());
@@ -64,7 +77,7 @@ class TiledMatmul : public mx::UnaryPrimitive {
       }
       const int64_t H = N / 2;
       const int64_t T = std::max<int64_t>(16, std::min<int64_t>(H, kTileBytes / 2 / (K * 4)) / 16 * 16);
-      std::vector<float> buf(2 * T * K), tmp(M * 2 * T);
+      Scratch buf(2 * T * K), tmp(M * 2 * T);
       for (int64_t h0 = 0; h0 < H; h0 += T) {
         const int64_t h1 = std::min(H, h0 + T), t = h1 - h0;
         widen_rows(wt, wp, sp, bp, bits, gs, K, h0, h1, buf.data());
