@@ -562,6 +562,17 @@ inline __m512 q32_dot(const uint8_t* w, const float* x, __m512 acc0, __m512& acc
   return _mm512_fmadd_ps(q0, _mm512_loadu_ps(x), acc0);
 }
 
+// A quantized row's result: its two scaled-sum accumulators plus the biases' part, one dot product of the
+// row's G biases with the per-group sums of x.
+inline float row_total(__m512 t0, __m512 t1, const float* br, const float* xs, int64_t G) {
+  __m512 bsum = _mm512_setzero_ps();
+  for (int64_t h = 0; h < G; h += 16) {
+    const __mmask16 mk = G - h >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (G - h)) - 1);
+    bsum = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mk, br + h), _mm512_maskz_loadu_ps(mk, xs + h), bsum);
+  }
+  return _mm512_reduce_add_ps(_mm512_add_ps(t0, t1)) + _mm512_reduce_add_ps(bsum);
+}
+
 // One row of x (decode), one weight row after another: per group, sum(q * x) in registers (two
 // independent chains), scaled into the row total; the biases' part is one dot product of the row's
 // biases with the per-group sums of x at the end.
@@ -594,12 +605,7 @@ void qgemv_one(const float* xp, const float* xs, const uint8_t* w, const float* 
       for (int j = 0; j < per; ++j) a0 = q32_dot<BITS>(wr + g * gbytes + j * 32 * BITS / 8, xp + g * gs + 32 * j, a0, a1);
       t0 = _mm512_fmadd_ps(_mm512_add_ps(a0, a1), _mm512_set1_ps(sr[g]), t0);
     }
-    __m512 bsum = _mm512_setzero_ps();
-    for (int64_t h = 0; h < G; h += 16) {
-      const __mmask16 mk = G - h >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (G - h)) - 1);
-      bsum = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mk, br + h), _mm512_maskz_loadu_ps(mk, xs + h), bsum);
-    }
-    out[n] = _mm512_reduce_add_ps(_mm512_add_ps(t0, t1)) + _mm512_reduce_add_ps(bsum);
+    out[n] = row_total(t0, t1, br, xs, G);
   }
 }
 #endif
@@ -632,6 +638,15 @@ void qgemv_rows(int M, const float* xp, const float* xs, const uint8_t* w, const
   }
 }
 
+// xs[g] = the sum of x over group g (the biases' part of a quantized product).
+inline void group_sums(const float* x, int64_t K, int gs, float* xs) {
+  for (int64_t g = 0; g < K / gs; ++g) {
+    float s = 0.f;
+    for (int j = 0; j < gs; ++j) s += x[g * gs + j];
+    xs[g] = s;
+  }
+}
+
 // x [M, K] -> xr (4-bit: per 32 values the 16 even then the 16 odd ones, matching the low and high
 // nibbles of 16 packed bytes; 8-bit: unchanged) and xs[m, g], the sum of x over group g.
 inline void prepare_qx(const float* xp, int64_t M, int64_t K, int gs, int bits, float* xr, float* xs) {
@@ -639,11 +654,7 @@ inline void prepare_qx(const float* xp, int64_t M, int64_t K, int gs, int bits, 
   for (int64_t m = 0; m < M; ++m) {
     const float* src = xp + m * K;
     float* dst = xr + m * K;
-    for (int64_t g = 0; g < G; ++g) {
-      float s = 0.f;
-      for (int j = 0; j < gs; ++j) s += src[g * gs + j];
-      xs[m * G + g] = s;
-    }
+    group_sums(src, K, gs, xs + m * G);
     if (bits == 4) {
       for (int64_t k = 0; k < K; k += 32)
         for (int j = 0; j < 16; ++j) {
@@ -683,11 +694,7 @@ inline void product(const float* x, int64_t M, int64_t K, int64_t N, mx::Dtype w
     VnniX qx;
     if (g_vnni.load(std::memory_order_relaxed) && vnni_applies(M, K, gs, bits) && prepare_vnni(x, K, gs, qx)) {
       std::vector<float> xs(K / gs);
-      for (int64_t g = 0; g < K / gs; ++g) {
-        float t = 0.f;
-        for (int j = 0; j < gs; ++j) t += x[g * gs + j];
-        xs[g] = t;
-      }
+      group_sums(x, K, gs, xs.data());
       const uint8_t* q = static_cast<const uint8_t*>(w);
       parallel_rows(N, N * K / 2, [&](int64_t a, int64_t b) {
         qgemv_vnni(qx, xs.data(), q, sc, bi, out, K, gs, a, b);

@@ -135,12 +135,7 @@ void qgemv_vnni(const VnniX& qx, const float* xs, const uint8_t* w, const float*
       else
         t0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(a), s, t0);
     }
-    __m512 bsum = _mm512_setzero_ps();
-    for (int64_t h = 0; h < G; h += 16) {
-      const __mmask16 mk = G - h >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (G - h)) - 1);
-      bsum = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mk, br + h), _mm512_maskz_loadu_ps(mk, xs + h), bsum);
-    }
-    out[n] = _mm512_reduce_add_ps(_mm512_add_ps(t0, t1)) + _mm512_reduce_add_ps(bsum);
+    out[n] = row_total(t0, t1, br, xs, G);
   }
 }
 #endif
