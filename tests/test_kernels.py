@@ -394,7 +394,8 @@ def _run_kernel(qkv, qn, kn, kc, vc, offset, H, Hkv, D):
 # at offset 500 (blocks of 8 after an offset); D 16 and 64; GQA ratios 1, 3, 4; B = 2 throughout but one.
 # With L >= 16 and D a multiple of 64 the register-blocked path runs (attend_block: blocks of 16 positions,
 # query rows four at a time): the d64 cases with L >= 49, one of 17 rows x GQA 3 (a last group of 3 rows)
-# and D = 128 (OpenELM-3B's head size).
+# and D = 128 (OpenELM-3B's head size). Fewer than 16 rows with D a multiple of 64 take attend_position (query
+# heads four at a time): GQA 4, 3 (a last group of 3), 6 (4 + 2) and 1, 37 keys (not a multiple of 4), D 128.
 ATTENTION_CASES = {
     "decode-gqa4-d64-norm": (2, 1, 300, 512, 8, 2, 64, True),
     "decode-gqa1-d16": (2, 1, 37, 64, 3, 3, 16, False),
@@ -407,6 +408,9 @@ ATTENTION_CASES = {
     "chunk-at-500-gqa4-d64-norm": (2, 100, 500, 640, 4, 1, 64, True),
     "prefill-gqa3-d64-norm-partial-group": (2, 17, 0, 32, 6, 2, 64, True),
     "prefill-gqa5-d128-norm": (1, 40, 0, 64, 10, 2, 128, True),
+    "decode-gqa3-d64-norm-37-keys": (2, 1, 36, 64, 6, 2, 64, True),
+    "decode-gqa6-d128": (1, 1, 130, 256, 6, 1, 128, False),
+    "chunk-gqa1-d64-norm": (2, 7, 20, 64, 2, 2, 64, True),
 }
 
 

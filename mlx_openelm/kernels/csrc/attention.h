@@ -62,6 +62,104 @@ struct AttnShape {
   bool qk_norm;
 };
 
+#if defined(__AVX512F__)
+// out lane 4r + k = the sum of v[4k + r]'s 16 lanes (a 16-way transposing reduction: 15 shuffle pairs
+// and adds where 16 horizontal sums take ~8 operations each).
+inline __m512 reduce16(const __m512* v) {
+  __m512 a[8], b[4], c[2];
+  for (int k = 0; k < 8; ++k)  // 128-bit blocks [x0+x2, x1+x3, y0+y2, y1+y3]
+    a[k] = _mm512_add_ps(_mm512_shuffle_f32x4(v[2 * k], v[2 * k + 1], 0x44),
+                         _mm512_shuffle_f32x4(v[2 * k], v[2 * k + 1], 0xEE));
+  for (int m = 0; m < 4; ++m)  // block i: the 4 partial lanes of v[4m + i]
+    b[m] = _mm512_add_ps(_mm512_shuffle_f32x4(a[2 * m], a[2 * m + 1], 0x88),
+                         _mm512_shuffle_f32x4(a[2 * m], a[2 * m + 1], 0xDD));
+  for (int n = 0; n < 2; ++n)  // block i: 2 lanes of v[8n + i], then 2 of v[8n + 4 + i]
+    c[n] = _mm512_add_ps(_mm512_shuffle_ps(b[2 * n], b[2 * n + 1], _MM_SHUFFLE(1, 0, 1, 0)),
+                         _mm512_shuffle_ps(b[2 * n], b[2 * n + 1], _MM_SHUFFLE(3, 2, 3, 2)));
+  // block i: the sums of v[i], v[4 + i], v[8 + i], v[12 + i]
+  return _mm512_add_ps(_mm512_shuffle_ps(c[0], c[1], _MM_SHUFFLE(2, 0, 2, 0)),
+                       _mm512_shuffle_ps(c[0], c[1], _MM_SHUFFLE(3, 1, 3, 1)));
+}
+
+// attend_rows for one query position and head_dim a multiple of 64 (decoding): the rep query heads four
+// at a time; scores of four heads x four keys reduced together (reduce16), values with the four heads'
+// outputs held in 16 registers (each value row read once per four heads, no output loads/stores).
+inline void attend_position(const AttnShape& s, const float* q, const float* kc, const float* vc, float* out,
+                            int64_t b, int64_t g, int64_t l, std::vector<float>& scratch) {
+  const int64_t rep = s.H / s.Hkv, D = s.D, S = s.offset + l + 1, Sp = (S + 15) / 16 * 16;
+  scratch.resize(4 * Sp);
+  const float* kb = kc + (b * s.Hkv + g) * s.C * D;
+  const float* vb = vc + (b * s.Hkv + g) * s.C * D;
+  for (int64_t r0 = 0; r0 < rep; r0 += 4) {
+    const int64_t n = std::min<int64_t>(4, rep - r0);
+    const float* qr[4];
+    float* orow[4];
+    for (int64_t r = 0; r < 4; ++r) {
+      const int64_t h = g * rep + r0 + std::min(r, n - 1);
+      qr[r] = q + ((b * s.L + l) * s.H + h) * D;
+      orow[r] = out + ((b * s.L + l) * s.H + h) * D;
+    }
+    float* sc[4] = {scratch.data(), scratch.data() + Sp, scratch.data() + 2 * Sp, scratch.data() + 3 * Sp};
+    for (int64_t j0 = 0; j0 < S; j0 += 4) {
+      __m512 acc[16];
+      for (int k = 0; k < 4; ++k) {
+        const float* kj = kb + std::min(j0 + k, S - 1) * D;  // past the end: a repeat, never read back
+        for (int r = 0; r < 4; ++r) {
+          __m512 a = _mm512_mul_ps(_mm512_loadu_ps(qr[r]), _mm512_loadu_ps(kj));
+          for (int64_t d = 16; d < D; d += 16) a = _mm512_fmadd_ps(_mm512_loadu_ps(qr[r] + d), _mm512_loadu_ps(kj + d), a);
+          acc[4 * k + r] = a;
+        }
+      }
+      const __m512 t = _mm512_mul_ps(reduce16(acc), _mm512_set1_ps(s.scale));  // block r: keys j0..j0+3
+      _mm_storeu_ps(sc[0] + j0, _mm512_extractf32x4_ps(t, 0));
+      _mm_storeu_ps(sc[1] + j0, _mm512_extractf32x4_ps(t, 1));
+      _mm_storeu_ps(sc[2] + j0, _mm512_extractf32x4_ps(t, 2));
+      _mm_storeu_ps(sc[3] + j0, _mm512_extractf32x4_ps(t, 3));
+    }
+    float inv[4];
+    for (int r = 0; r < 4; ++r) {
+      float* p = sc[r];
+      for (int64_t j = S; j < Sp; ++j) p[j] = -INFINITY;
+      __m512 mv = _mm512_loadu_ps(p);
+      for (int64_t j = 16; j < Sp; j += 16) mv = _mm512_max_ps(mv, _mm512_loadu_ps(p + j));
+      const __m512 m = _mm512_set1_ps(_mm512_reduce_max_ps(mv));
+      v16f sum{};
+      for (int64_t j = 0; j < Sp; j += 16) {
+        v16f t;
+        const __m512 x = _mm512_sub_ps(_mm512_loadu_ps(p + j), m);
+        std::memcpy(&t, &x, sizeof(t));
+        v16f e = exp16(t);
+        e = load16(p + j) == -INFINITY ? v16f{} : e;
+        std::memcpy(p + j, &e, sizeof(e));
+        sum += e;
+      }
+      inv[r] = 1.0f / hsum16(sum);
+    }
+    for (int64_t d0 = 0; d0 < D; d0 += 64) {
+      __m512 o[4][4];
+      for (int r = 0; r < 4; ++r)
+        for (int c = 0; c < 4; ++c) o[r][c] = _mm512_setzero_ps();
+      for (int64_t j = 0; j < S; ++j) {
+        const float* vj = vb + j * D + d0;
+        const __m512 v0 = _mm512_loadu_ps(vj), v1 = _mm512_loadu_ps(vj + 16), v2 = _mm512_loadu_ps(vj + 32),
+                     v3 = _mm512_loadu_ps(vj + 48);
+        for (int r = 0; r < 4; ++r) {
+          const __m512 p = _mm512_set1_ps(sc[r][j]);
+          o[r][0] = _mm512_fmadd_ps(p, v0, o[r][0]);
+          o[r][1] = _mm512_fmadd_ps(p, v1, o[r][1]);
+          o[r][2] = _mm512_fmadd_ps(p, v2, o[r][2]);
+          o[r][3] = _mm512_fmadd_ps(p, v3, o[r][3]);
+        }
+      }
+      for (int64_t r = 0; r < n; ++r) {
+        const __m512 iv = _mm512_set1_ps(inv[r]);
+        for (int c = 0; c < 4; ++c) _mm512_storeu_ps(orow[r] + d0 + 16 * c, _mm512_mul_ps(o[r][c], iv));
+      }
+    }
+  }
+}
+#endif
+
 // Queries of kv head `g` (rep = H / Hkv of them), query row l of batch b: causal softmax over the
 // keys [0, offset + l], weighted sum of the values, into out[b, l, h * D].
 inline void attend_rows(const AttnShape& s, const float* q, const float* kc, const float* vc, float* out, int64_t b,
@@ -69,6 +167,12 @@ inline void attend_rows(const AttnShape& s, const float* q, const float* kc, con
   const int64_t rep = s.H / s.Hkv, D = s.D, nv = D / 16;
   const float* kb = kc + (b * s.Hkv + g) * s.C * D;
   const float* vb = vc + (b * s.Hkv + g) * s.C * D;
+#if defined(__AVX512F__)
+  if (D % 64 == 0) {
+    for (int64_t l = l0; l < l1; ++l) attend_position(s, q, kc, vc, out, b, g, l, scratch);
+    return;
+  }
+#endif
   for (int64_t l = l0; l < l1; ++l) {
     const int64_t S = s.offset + l + 1;  // keys this row sees
     const int64_t Sp = (S + 15) / 16 * 16;
