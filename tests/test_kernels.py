@@ -126,6 +126,18 @@ def test_integer_dots_carry_a_digit_of_128_and_keep_zero_and_wide_groups_close()
 
 
 @needs_vnni
+def test_integer_dots_leave_tiny_groups_to_the_float_path():
+    """A group whose largest value is ~3e-37 would need lane scales sw * sx / 2^16 far below float32's normal
+    range: such x goes to the float path, which keeps full relative precision."""
+    K, N = 256, 16
+    wq, scales, biases = mx.quantize(mx.random.normal((N, K), key=mx.random.key(7)), 64, 4)
+    xs = np.array(mx.random.normal((K,), key=mx.random.key(8))) * np.float32(1e-37)
+    y = np.array(kernels.qgemv(mx.array(xs)[None], wq, scales, biases, 64, 4), dtype=np.float64)
+    ref = xs.astype(np.float64) @ unpack_affine(wq, scales, biases, 64, 4).T
+    assert rel_err(y, ref) < 1.5e-6
+
+
+@needs_vnni
 def test_integer_dots_leave_inf_and_nan_to_the_float_path():
     K, N = 256, 8
     wq, scales, biases = mx.quantize(mx.random.normal((N, K), key=mx.random.key(5)), 64, 4)

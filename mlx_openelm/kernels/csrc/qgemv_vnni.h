@@ -58,8 +58,8 @@ inline bool vnni_applies(int64_t M, int64_t K, int gs, int bits) {
   return M == 1 && bits == 4 && K % kChunk == 0 && (gs == 32 || gs == 64 || gs == 128);
 }
 
-// x[K] -> parts and lane scales. False where x holds a non-finite value (the float path then keeps
-// its inf/nan semantics).
+// x[K] -> parts and lane scales. False where x holds a non-finite value or a group of values below 2^-64
+// (the float path takes those).
 inline bool prepare_vnni(const float* x, int64_t K, int gs, VnniX& out) {
   const int64_t G = K / gs, nc = K / kChunk;
   std::vector<float> sx(G);
@@ -67,7 +67,9 @@ inline bool prepare_vnni(const float* x, int64_t K, int gs, VnniX& out) {
     __m512 m = _mm512_setzero_ps();
     for (int j = 0; j < gs; j += 16) m = _mm512_max_ps(m, _mm512_abs_ps(_mm512_loadu_ps(x + g * gs + j)));
     const float mx_ = _mm512_reduce_max_ps(m);
-    if (!std::isfinite(mx_)) return false;
+    // non-finite: keep inf/nan semantics; below 2^-64 (but not 0): 1/sx and the lane scales sw * sx / 2^16
+    // would leave float32's normal range (x that small is left to the float path too)
+    if (!std::isfinite(mx_) || (mx_ > 0.f && mx_ < 0x1p-64f)) return false;
     for (int j = 0; j < gs; j += 16)  // max drops NaNs: look for them
       if (_mm512_cmp_ps_mask(_mm512_loadu_ps(x + g * gs + j), _mm512_loadu_ps(x + g * gs + j), _CMP_UNORD_Q))
         return false;
