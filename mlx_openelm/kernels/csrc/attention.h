@@ -40,6 +40,52 @@ inline float hmax16(v16f v) {
   return m;
 }
 
+// One row of scores p[0, lim) (lim a multiple of 16) whose first S are causal: in place exp(p - max) on
+// those, 0 on the rest; returns 1 / their sum (the softmax's normaliser, applied to the weighted values).
+inline float softmax_row(float* p, int64_t S, int64_t lim) {
+  for (int64_t j = S; j < lim; ++j) p[j] = -INFINITY;
+  v16f mv = load16(p);
+  for (int64_t j = 16; j < lim; j += 16) {
+    const v16f t = load16(p + j);
+    mv = t > mv ? t : mv;
+  }
+  const float m = hmax16(mv);
+  v16f sum{};
+  for (int64_t j = 0; j < lim; j += 16) {
+    const v16f t = load16(p + j);
+    v16f e = exp16(t - m);
+    e = t == -INFINITY ? v16f{} : e;
+    std::memcpy(p + j, &e, sizeof(e));
+    sum += e;
+  }
+  return 1.0f / hsum16(sum);
+}
+
+// dst[r][0, D) = inv[r] * sum_j p[r][j] * v[j] over keys j < lim (v rows of D, a multiple of 64) for the
+// first n of four query rows: 64 output values of the four rows in 16 registers, each value row read once.
+inline void weighted_values4(const float* const p[4], int64_t lim, const float* v, int64_t D, const float* inv,
+                             float* const dst[4], int64_t n) {
+  for (int64_t d0 = 0; d0 < D; d0 += 64) {
+    v16f o[4][4] = {};
+    for (int64_t j = 0; j < lim; ++j) {
+      const float* vj = v + j * D + d0;
+      const v16f v0 = load16(vj), v1 = load16(vj + 16), v2 = load16(vj + 32), v3 = load16(vj + 48);
+      for (int r = 0; r < 4; ++r) {
+        const float pj = p[r][j];
+        o[r][0] += pj * v0;
+        o[r][1] += pj * v1;
+        o[r][2] += pj * v2;
+        o[r][3] += pj * v3;
+      }
+    }
+    for (int64_t r = 0; r < n; ++r)
+      for (int c = 0; c < 4; ++c) {
+        const v16f x = o[r][c] * inv[r];
+        std::memcpy(dst[r] + d0 + 16 * c, &x, sizeof(x));
+      }
+  }
+}
+
 // In place: x[D] <- RMSNorm(x) * w (w may be null: no norm), then RoPE at the given cos/sin (D/2 each).
 inline void norm_rope(float* x, const float* w, float eps, const float* cs, const float* sn, int D) {
   if (w != nullptr) {
@@ -117,45 +163,8 @@ inline void attend_position(const AttnShape& s, const float* q, const float* kc,
       _mm_storeu_ps(sc[3] + j0, _mm512_extractf32x4_ps(t, 3));
     }
     float inv[4];
-    for (int r = 0; r < 4; ++r) {
-      float* p = sc[r];
-      for (int64_t j = S; j < Sp; ++j) p[j] = -INFINITY;
-      __m512 mv = _mm512_loadu_ps(p);
-      for (int64_t j = 16; j < Sp; j += 16) mv = _mm512_max_ps(mv, _mm512_loadu_ps(p + j));
-      const __m512 m = _mm512_set1_ps(_mm512_reduce_max_ps(mv));
-      v16f sum{};
-      for (int64_t j = 0; j < Sp; j += 16) {
-        v16f t;
-        const __m512 x = _mm512_sub_ps(_mm512_loadu_ps(p + j), m);
-        std::memcpy(&t, &x, sizeof(t));
-        v16f e = exp16(t);
-        e = load16(p + j) == -INFINITY ? v16f{} : e;
-        std::memcpy(p + j, &e, sizeof(e));
-        sum += e;
-      }
-      inv[r] = 1.0f / hsum16(sum);
-    }
-    for (int64_t d0 = 0; d0 < D; d0 += 64) {
-      __m512 o[4][4];
-      for (int r = 0; r < 4; ++r)
-        for (int c = 0; c < 4; ++c) o[r][c] = _mm512_setzero_ps();
-      for (int64_t j = 0; j < S; ++j) {
-        const float* vj = vb + j * D + d0;
-        const __m512 v0 = _mm512_loadu_ps(vj), v1 = _mm512_loadu_ps(vj + 16), v2 = _mm512_loadu_ps(vj + 32),
-                     v3 = _mm512_loadu_ps(vj + 48);
-        for (int r = 0; r < 4; ++r) {
-          const __m512 p = _mm512_set1_ps(sc[r][j]);
-          o[r][0] = _mm512_fmadd_ps(p, v0, o[r][0]);
-          o[r][1] = _mm512_fmadd_ps(p, v1, o[r][1]);
-          o[r][2] = _mm512_fmadd_ps(p, v2, o[r][2]);
-          o[r][3] = _mm512_fmadd_ps(p, v3, o[r][3]);
-        }
-      }
-      for (int64_t r = 0; r < n; ++r) {
-        const __m512 iv = _mm512_set1_ps(inv[r]);
-        for (int c = 0; c < 4; ++c) _mm512_storeu_ps(orow[r] + d0 + 16 * c, _mm512_mul_ps(o[r][c], iv));
-      }
-    }
+    for (int r = 0; r < 4; ++r) inv[r] = softmax_row(sc[r], S, Sp);
+    weighted_values4(sc, S, vb, D, inv, orow, n);
   }
 }
 #endif
@@ -191,22 +200,7 @@ inline void attend_rows(const AttnShape& s, const float* q, const float* kc, con
     float inv[64];
     float* outr = out + (b * s.L + l) * s.H * D + g * rep * D;
     for (int64_t r = 0; r < rep; ++r) {
-      float* sc = scratch.data() + r * Sp;
-      for (int64_t j = S; j < Sp; ++j) sc[j] = -INFINITY;
-      v16f mv = load16(sc);
-      for (int64_t j = 16; j < Sp; j += 16) {
-        v16f t = load16(sc + j);
-        mv = t > mv ? t : mv;
-      }
-      const float m = hmax16(mv);
-      v16f sum{};
-      for (int64_t j = 0; j < Sp; j += 16) {
-        v16f e = exp16(load16(sc + j) - m);
-        e = load16(sc + j) == -INFINITY ? v16f{} : e;
-        std::memcpy(sc + j, &e, sizeof(e));
-        sum += e;
-      }
-      inv[r % 64] = 1.0f / hsum16(sum);
+      inv[r % 64] = softmax_row(scratch.data() + r * Sp, S, Sp);
       float* o = outr + r * D;
       for (int64_t d = 0; d < D; ++d) o[d] = 0.f;
     }
@@ -265,49 +259,14 @@ inline void attend_block(const AttnShape& s, const float* q, const float* kt, in
     }
     // causal softmax of each row, unnormalised: exp(s - max) on the row's keys, 0 up to the group's limit
     float inv[4];
-    for (int64_t r = 0; r < n; ++r) {
-      float* p = sc + (i0 + r) * Sp;
-      const int64_t S = keys(i0 + r);
-      for (int64_t j = S; j < lim; ++j) p[j] = -INFINITY;
-      v16f mv = load16(p);
-      for (int64_t j = 16; j < lim; j += 16) {
-        const v16f t = load16(p + j);
-        mv = t > mv ? t : mv;
-      }
-      const float m = hmax16(mv);
-      v16f sum{};
-      for (int64_t j = 0; j < lim; j += 16) {
-        const v16f t = load16(p + j);
-        v16f e = exp16(t - m);
-        e = t == -INFINITY ? v16f{} : e;
-        std::memcpy(p + j, &e, sizeof(e));
-        sum += e;
-      }
-      inv[r] = 1.0f / hsum16(sum);
-    }
+    for (int64_t r = 0; r < n; ++r) inv[r] = softmax_row(sc + (i0 + r) * Sp, keys(i0 + r), lim);
     const float* pr[4];
-    for (int64_t r = 0; r < 4; ++r) pr[r] = sc + (i0 + std::min(r, n - 1)) * Sp;
-    for (int64_t d0 = 0; d0 < D; d0 += 64) {
-      v16f o[4][4] = {};
-      for (int64_t j = 0; j < lim; ++j) {
-        const float* vj = vb + j * D + d0;
-        const v16f v0 = load16(vj), v1 = load16(vj + 16), v2 = load16(vj + 32), v3 = load16(vj + 48);
-        for (int64_t r = 0; r < 4; ++r) {
-          const float p = pr[r][j];
-          o[r][0] += p * v0;
-          o[r][1] += p * v1;
-          o[r][2] += p * v2;
-          o[r][3] += p * v3;
-        }
-      }
-      for (int64_t r = 0; r < n; ++r) {
-        float* dst = out + at(i0 + r) + d0;
-        for (int64_t c = 0; c < 4; ++c) {
-          const v16f v = o[r][c] * inv[r];
-          std::memcpy(dst + 16 * c, &v, sizeof(v));
-        }
-      }
+    float* dst[4];
+    for (int64_t r = 0; r < 4; ++r) {
+      pr[r] = sc + (i0 + std::min(r, n - 1)) * Sp;
+      dst[r] = out + at(i0 + std::min(r, n - 1));
     }
+    weighted_values4(pr, lim, vb, D, inv, dst, n);
   }
 }
 
@@ -365,9 +324,7 @@ class CacheWrite : public mx::UnaryPrimitive {
     } else {
       out.copy_shared_buffer(cache);
     }
-    auto& enc = mx::cpu::get_command_encoder(stream());
-    for (const auto& a : inputs) enc.set_input_array(a);
-    enc.set_output_array(out);
+    auto& enc = encoder_for(stream(), inputs, out);
     const auto& st = cache.strides();
     std::optional<StridedView> src;
     if (copy) src = StridedView{cache.data<float>(), {st[0], st[1], st[2], st[3]}};
@@ -410,10 +367,7 @@ class CachedAttention : public mx::UnaryPrimitive {
     const mx::array& qn = inputs[1];
     const mx::array& kc = inputs[2];
     const mx::array& vc = inputs[3];
-    out.set_data(mx::allocator::malloc(out.nbytes()));
-    auto& enc = mx::cpu::get_command_encoder(stream());
-    for (const auto& a : inputs) enc.set_input_array(a);
-    enc.set_output_array(out);
+    auto& enc = encoder_with_new_output(stream(), inputs, out);
     enc.dispatch([s = s_, base = base_, xp = qkv.data<float>(), qnp = qn.data<float>(), kp = kc.data<float>(),
                   vp = vc.data<float>(), op = out.data<float>()]() {
       const int64_t D = s.D, h = D / 2, W = (s.H + 2 * s.Hkv) * D;

@@ -44,10 +44,7 @@ class FusedLinear : public mx::UnaryPrimitive {
     size_t i = bits_ ? 4 : 2;
     const float* gp = pro_ == kRMSNorm ? inputs[i++].data<float>() : nullptr;
     const float* rp = res_ ? inputs[i++].data<float>() : nullptr;
-    out.set_data(mx::allocator::malloc(out.nbytes()));
-    auto& enc = mx::cpu::get_command_encoder(stream());
-    for (const auto& a : inputs) enc.set_input_array(a);
-    enc.set_output_array(out);
+    auto& enc = encoder_with_new_output(stream(), inputs, out);
     const int64_t N = w.shape(0), K = bits_ ? w.shape(1) * 32 / bits_ : w.shape(1);
     const int64_t Kin = x.shape(-1), M = x.size() / Kin;
     const float* sp = bits_ ? inputs[2].data<float>() : nullptr;

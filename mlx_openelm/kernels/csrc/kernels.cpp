@@ -738,6 +738,21 @@ mx::Shape out_shape(const mx::array& x, int64_t n) {
   return s;
 }
 
+// The CPU command encoder of stream `s` with every input and `out` registered, as each primitive's
+// eval_cpu does before it dispatches (out's buffer must be set first).
+mx::cpu::CommandEncoder& encoder_for(mx::Stream s, const std::vector<mx::array>& inputs, mx::array& out) {
+  auto& enc = mx::cpu::get_command_encoder(s);
+  for (const auto& a : inputs) enc.set_input_array(a);
+  enc.set_output_array(out);
+  return enc;
+}
+
+// The same with a fresh buffer for out (every primitive here but CacheWrite, which may reuse its input's).
+mx::cpu::CommandEncoder& encoder_with_new_output(mx::Stream s, const std::vector<mx::array>& inputs, mx::array& out) {
+  out.set_data(mx::allocator::malloc(out.nbytes()));
+  return encoder_for(s, inputs, out);
+}
+
 class Gemv : public mx::UnaryPrimitive {
  public:
   explicit Gemv(mx::Stream s) : mx::UnaryPrimitive(s) {}
@@ -745,11 +760,7 @@ class Gemv : public mx::UnaryPrimitive {
   void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override {
     const mx::array& x = inputs[0];
     const mx::array& w = inputs[1];
-    out.set_data(mx::allocator::malloc(out.nbytes()));
-    auto& enc = mx::cpu::get_command_encoder(stream());
-    enc.set_input_array(x);
-    enc.set_input_array(w);
-    enc.set_output_array(out);
+    auto& enc = encoder_with_new_output(stream(), inputs, out);
     const int64_t K = w.shape(1), N = w.shape(0), M = x.size() / K;
     enc.dispatch([xp = x.data<float>(), wp = w.data<void>(), wt = w.dtype(), op = out.data<float>(), M, N, K]() {
       product(xp, M, K, N, wt, wp, nullptr, nullptr, 0, 0, nullptr, op);
@@ -805,13 +816,7 @@ class QGemv : public mx::UnaryPrimitive {
     const mx::array& w = inputs[1];
     const mx::array& sc = inputs[2];
     const mx::array& bi = inputs[3];
-    out.set_data(mx::allocator::malloc(out.nbytes()));
-    auto& enc = mx::cpu::get_command_encoder(stream());
-    enc.set_input_array(x);
-    enc.set_input_array(w);
-    enc.set_input_array(sc);
-    enc.set_input_array(bi);
-    enc.set_output_array(out);
+    auto& enc = encoder_with_new_output(stream(), inputs, out);
     const int64_t N = w.shape(0), K = w.shape(1) * 32 / bits_, M = x.size() / K;
     enc.dispatch([xp = x.data<float>(), wp = w.data<void>(), sp = sc.data<float>(), bp = bi.data<float>(),
                   op = out.data<float>(), M, N, K, gs = gs_, bits = bits_]() {
@@ -902,12 +907,7 @@ class Dequant : public mx::UnaryPrimitive {
     const mx::array& w = inputs[0];
     const mx::array& sc = inputs[1];
     const mx::array& bi = inputs[2];
-    out.set_data(mx::allocator::malloc(out.nbytes()));
-    auto& enc = mx::cpu::get_command_encoder(stream());
-    enc.set_input_array(w);
-    enc.set_input_array(sc);
-    enc.set_input_array(bi);
-    enc.set_output_array(out);
+    auto& enc = encoder_with_new_output(stream(), inputs, out);
     const int64_t N = w.shape(0), K = w.shape(1) * 32 / bits_;
     enc.dispatch([wp = w.data<void>(), sp = sc.data<float>(), bp = bi.data<float>(), op = out.data<float>(), N, K,
                   gs = gs_, bits = bits_]() {
@@ -940,10 +940,7 @@ class ToFloat : public mx::UnaryPrimitive {
 
   void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override {
     const mx::array& w = inputs[0];
-    out.set_data(mx::allocator::malloc(out.nbytes()));
-    auto& enc = mx::cpu::get_command_encoder(stream());
-    enc.set_input_array(w);
-    enc.set_output_array(out);
+    auto& enc = encoder_with_new_output(stream(), inputs, out);
     const int64_t K = w.ndim() ? w.shape(-1) : 1, N = w.size() / std::max<int64_t>(K, 1);
     enc.dispatch([wp = w.data<void>(), wt = w.dtype(), op = out.data<float>(), N, K]() {
       parallel_rows(N, N * K * 6, [&](int64_t a, int64_t b) {

@@ -54,10 +54,7 @@ class TiledMatmul : public mx::UnaryPrimitive {
   void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override {
     const mx::array& x = inputs[0];
     const mx::array& w = inputs[1];
-    out.set_data(mx::allocator::malloc(out.nbytes()));
-    auto& enc = mx::cpu::get_command_encoder(stream());
-    for (const auto& a : inputs) enc.set_input_array(a);
-    enc.set_output_array(out);
+    auto& enc = encoder_with_new_output(stream(), inputs, out);
     const int64_t N = w.shape(0), K = bits_ ? w.shape(1) * 32 / bits_ : w.shape(1), M = x.size() / K;
     const float* sp = bits_ ? inputs[2].data<float>() : nullptr;
     const float* bp = bits_ ? inputs[3].data<float>() : nullptr;
