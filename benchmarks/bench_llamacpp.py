@@ -9,7 +9,10 @@ mlx-openelm loads it on this CPU (``dtype="auto"``):
 - ``f16`` / ``bf16``: ours with float16 / bfloat16 matrices kept (float32 compute), vs llama.cpp F16 / BF16;
 - ``q8``: ours 8-bit (group 64, quantized from float16; float16 scales in the file, float32 in memory)
   vs llama.cpp Q8_0;
-- ``q4``: ours 4-bit (group 64, likewise) vs llama.cpp Q4_0.
+- ``q4``: ours 4-bit (group 64, likewise) vs llama.cpp Q4_0;
+- ``bf16`` / ``q8`` / ``q4`` again with ``--prompt-precision bfloat16`` (``bf16p`` in ``--rows``): the
+  prompt's activations rounded to bfloat16 before each product, as llama.cpp's BF16 rows do (its Q8_0 /
+  Q4_0 rows round them to 8-bit blocks); decoding is the same as in the plain rows.
 
 Peak memory is reported against the file size ``convert`` would write for ours (``peak/file``).
 
@@ -160,8 +163,14 @@ def _llama(Llama, path, threads, n_ctx):
 # ---------------------------------------------------------------- ours
 
 
-def ours_runner(model, plain: bool = False):
+def ours_runner(model, plain: bool = False, prompt_precision: str = "float32"):
     run = bench.ours_runner(model, bench.TokenIds())
+    if prompt_precision != "float32":
+        def run_rounded(ids, n):
+            with kernels.prompt_precision(prompt_precision):
+                yield from run(ids, n)
+
+        return run_rounded
     if not plain:
         return run
 
@@ -200,7 +209,9 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--converter", type=Path, help="llama.cpp's convert_hf_to_gguf.py (for the llama.cpp rows)")
-    p.add_argument("--rows", default="f32,f16,q8,q4", help="comma-separated subset of f32,f16,q8,q4")
+    p.add_argument("--rows", default="f32,f16,q8,q4,bf16p",
+                   help="comma-separated subset of f32,f16,q8,q4,bf16p (bf16p: the bf16/q8/q4 rows present again with "
+                   "bfloat16 prompt precision)")
     args = p.parse_args()
     tic = time.perf_counter()
     rows = args.rows.split(",")
@@ -244,7 +255,11 @@ def main() -> None:
     for q in ("f16", "bf16", "q8", "q4"):
         if q in ours:
             contenders[f"ours {q} kernels"] = (ours_runner(ours[q]), step_bytes(ours[q]) / 1e9)
-    kinds = {"f32": ["f32"], "f16": ["f16", "bf16"], "q8": ["q8_0"], "q4": ["q4_0"]}
+    for q in ("bf16", "q8", "q4") if "bf16p" in rows else ():
+        if q in ours:
+            contenders[f"ours {q} kernels bf16 prompt"] = (ours_runner(ours[q], prompt_precision="bfloat16"),
+                                                         step_bytes(ours[q]) / 1e9)
+    kinds = {"f32": ["f32"], "f16": ["f16", "bf16"], "q8": ["q8_0"], "q4": ["q4_0"], "bf16p": []}
     for row in rows:
         for kind in kinds[row]:
             if isinstance(ggufs.get(kind), Path):
@@ -287,11 +302,16 @@ def main() -> None:
         line("q8 (ours 8-bit g64 / Q8_0)", "ours q8 kernels", "llama.cpp q8_0", "q8")
     if "q4" in rows:
         line("q4 (ours 4-bit g64 / Q4_0)", "ours q4 kernels", "llama.cpp q4_0", "q4")
+    if "bf16p" in rows:
+        for q, theirs, name in (("bf16", "llama.cpp bf16", "bf16"), ("q8", "llama.cpp q8_0", "q8 (8-bit / Q8_0)"),
+                                ("q4", "llama.cpp q4_0", "q4 (4-bit / Q4_0)")):
+            if f"ours {q} kernels bf16 prompt" in contenders:
+                line(f"{name}, bf16 prompt", f"ours {q} kernels bf16 prompt", theirs, q)
 
     out = {
         "command": " ".join(["python", *sys.argv]),
         "shape": args.shape, "prompt_tokens": args.prompt_tokens, "gen_tokens": args.gen_tokens, "repeats": args.repeats,
-        "bandwidth": bw, "kernels": kernels.describe(), "blas": mlx_openelm._backend.BLAS, "mlx_version": mx.__version__,
+        "bandwidth": bw, "kernels": kernels.describe(), "bf16_dot": bool(kernels.available() and kernels._lib.has_bf16_dot()), "blas": mlx_openelm._backend.BLAS, "mlx_version": mx.__version__,
         "llama_cpp": llama, "table": table,
         "raw": {k: v for k, v in res.items()}, "seconds": round(time.perf_counter() - tic, 1),
     }

@@ -36,6 +36,23 @@ def test_generate_streams_and_reports(mlx_model):
     assert "tok/s" in r.stderr and "peak memory" in r.stderr and "float32" in r.stderr
 
 
+def test_generate_prompt_precision_option(mlx_model):
+    """--prompt-precision bfloat16 is reported by --verbose (where the CPU kernels are built); it rounds only the
+    inputs of bfloat16/4-8-bit layers, so this float32 model generates the same text; a bad value is one line."""
+    base = ["-m", "mlx_openelm.cli", "generate", "--model", str(mlx_model), "--prompt", "the cat sat", "--max-tokens", "8"]
+    plain = run(*base)
+    bf = run(*base, "--prompt-precision", "bfloat16", "--verbose")
+    assert plain.returncode == 0 and bf.returncode == 0, bf.stderr
+    assert plain.stdout == bf.stdout
+    from mlx_openelm import kernels
+
+    if kernels.available():
+        assert "bfloat16 inputs" in bf.stderr
+    bad = run(*base, "--prompt-precision", "int4")
+    assert bad.returncode != 0 and "Traceback" not in bad.stderr
+    assert "prompt precision 'int4'" in bad.stderr and "float32, bfloat16" in bad.stderr
+
+
 def test_generate_prompt_lookup_matches_greedy(mlx_model):
     base = ["-m", "mlx_openelm.cli", "generate", "--model", str(mlx_model), "--prompt", "red blue red blue red blue", "--max-tokens", "16"]
     plain = run(*base)

@@ -995,7 +995,7 @@ def test_many_row_products_widen_tiles_into_blas(fmt):
     """Prompt-sized products of half or 4/8-bit layers (``tiled_matmul``: float32 tiles of the weight into
     cblas_sgemm, no whole-layer copy) equal the float64 product of the stored values; N spans several tiles."""
     rng = np.random.default_rng(len(fmt))
-    K, N, M = 1280, 1000, 37  # 1000 rows: tiles of 400 (2 MB of float32), the last one partial
+    K, N, M = 1280, 2000, 37  # 2000 rows: tiles of 1632 (8 MB of float32), the last one partial
     lin = nn.Linear(K, N, bias=False)
     lin.weight = mx.array(rng.standard_normal((N, K)).astype(np.float32) / np.sqrt(K))
     if fmt.startswith("q"):
@@ -1021,7 +1021,7 @@ def test_prompt_swiglu_a_tile_at_a_time_matches_float64(fmt):
     """silu(x Wg^T) * (x Wu^T) of the fused [gate; up] projection, one tile of hidden units at a time (the
     prompt path; the [M, 2H] output never exists whole) against float64 NumPy."""
     rng = np.random.default_rng(7 + len(fmt))
-    K, H, M = 256, 700, 23  # 700 hidden units: several tiles, the last one partial
+    K, H, M = 1280, 1000, 23  # 1000 hidden units: tiles of 816 (2 x 4 MB of float32), the last one partial
     lin = nn.Linear(K, 2 * H, bias=False)
     lin.weight = mx.array(rng.standard_normal((2 * H, K)).astype(np.float32) / np.sqrt(K))
     if fmt.startswith("q"):
@@ -1039,3 +1039,86 @@ def test_prompt_swiglu_a_tile_at_a_time_matches_float64(fmt):
     assert kernels.swiglu_product(lin, x[:, :4]) is None  # decode rows take fused_linear instead
     with kernels.no_fusion():
         assert kernels.swiglu_product(lin, x) is None
+
+
+def bf16_round(a) -> np.ndarray:
+    """float32 -> the nearest bfloat16 (ties to even), as float64: on the bits, independently of MLX."""
+    u = np.asarray(a, dtype=np.float32).view(np.uint32).astype(np.uint64)
+    u = ((u + 0x7FFF + ((u >> 16) & 1)) >> 16) << 16
+    return u.astype(np.uint32).view(np.float32).astype(np.float64)
+
+
+def _layer(fmt: str, K: int, N: int, seed: int):
+    rng = np.random.default_rng(seed)
+    lin = nn.Linear(K, N, bias=False)
+    lin.weight = mx.array(rng.standard_normal((N, K)).astype(np.float32) / np.sqrt(K))
+    if fmt.startswith("q"):
+        lin = nn.QuantizedLinear.from_linear(lin, group_size=64 if K % 64 == 0 else 32, bits=int(fmt[1]))
+        lin.scales, lin.biases = lin.scales.astype(mx.float32), lin.biases.astype(mx.float32)
+        return lin, unpack_affine(lin.weight, lin.scales, lin.biases, lin.group_size, int(fmt[1]))
+    lin.weight = lin.weight.astype(getattr(mx, fmt))
+    return lin, f64(lin.weight.astype(mx.float32))
+
+
+needs_blas = pytest.mark.skipif(not (kernels.available() and kernels._lib.has_blas()), reason="no cblas_sgemm")
+
+
+@needs_ext
+@needs_blas
+@pytest.mark.parametrize("fmt,M,K,N", [(f, *s) for f in ("bfloat16", "q4", "q8")
+                                        for s in ((37, 1280, 2000), (9, 96, 45), (14, 64, 33))] + [("bfloat16", 13, 80, 40)])
+def test_bfloat16_prompt_precision_is_the_exact_product_of_rounded_x(fmt, M, K, N):
+    """``prompt_precision("bfloat16")``: x rounded to bfloat16 (ties to even), the stored weights used exactly,
+    float32 sums — against float64 of the rounded x, with the AVX-512 BF16 dots and without them (rounded x
+    into the float32 path). M: a remainder after blocks of 6 rows; N: partial panels of 32 columns; K = 80:
+    not a multiple of 32 (bfloat16 weights take the float32 path; 4/8-bit need groups of 32 anyway)."""
+    lin, W = _layer(fmt, K, N, M + K + N)
+    x = mx.array(np.random.default_rng(K).standard_normal((1, M, K)).astype(np.float32))
+    x[0, 0, :3] = mx.array([1 + 2**-8, 1 + 3 * 2**-8, -(1 + 2**-8)])  # ties go to even: 1, 1 + 2^-6, -1
+    ref = bf16_round(x) @ W.T
+    exact = f64(x) @ W.T
+    with kernels.prompt_precision("bfloat16"):
+        assert kernels.get_prompt_precision() == "bfloat16" and "bfloat16 inputs" in kernels.describe()
+        y = kernels.linear(lin, x)
+        with kernels.no_bf16_dot():
+            y_plain = kernels.linear(lin, x)
+    assert kernels.get_prompt_precision() == "float32"
+    for out in (y, y_plain):
+        assert out.shape == (1, M, N) and rel_err(out, ref) < 2e-6
+        assert rel_err(out, exact) > 1e-4  # x really was rounded
+    # MLX's own product of the rounded x agrees too
+    assert rel_err(y, f64(x.astype(mx.bfloat16).astype(mx.float32) @ mx.array(W.astype(np.float32)).T)) < 2e-6
+
+
+@needs_ext
+@needs_blas
+@pytest.mark.parametrize("fmt", ["bfloat16", "q4", "q8"])
+def test_bfloat16_prompt_precision_swiglu(fmt):
+    K, H, M = 1280, 1000, 23
+    lin, W = _layer(fmt, K, 2 * H, 3)
+    x = mx.array(np.random.default_rng(5).standard_normal((1, M, K)).astype(np.float32))
+    p = bf16_round(x) @ W.T
+    ref = p[..., :H] / (1 + np.exp(-p[..., :H])) * p[..., H:]
+    with kernels.prompt_precision("bfloat16"):
+        y = kernels.swiglu_product(lin, x)
+        with kernels.no_bf16_dot():
+            y_plain = kernels.swiglu_product(lin, x)
+    assert rel_err(y, ref) < 1e-5 and rel_err(y_plain, ref) < 1e-5
+
+
+@needs_ext
+@needs_blas
+def test_bfloat16_prompt_precision_leaves_float16_and_decode_rows_alone():
+    """float16 (and float32) layers have no bfloat16 product: their prompt products are unchanged, as are
+    products of <= 8 rows (decoding) of every layer; a bad name is one clear error."""
+    x = mx.array(np.random.default_rng(1).standard_normal((1, 20, 256)).astype(np.float32))
+    lin16, _ = _layer("float16", 256, 64, 1)
+    linb, _ = _layer("bfloat16", 256, 64, 1)
+    before = [kernels.linear(lin16, x), kernels.linear(linb, x[:, :3])]
+    with kernels.prompt_precision("bfloat16"):
+        after = [kernels.linear(lin16, x), kernels.linear(linb, x[:, :3])]
+    for a, b in zip(before, after):
+        assert mx.array_equal(a, b)
+    with pytest.raises(ValueError, match="float32, bfloat16"):
+        kernels.set_prompt_precision("int8")
+    assert kernels.get_prompt_precision() == "float32"

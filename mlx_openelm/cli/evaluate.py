@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from ._common import ModelOpt, TokenizerOpt, _load, _progress_callback
+from ._common import ModelOpt, PromptPrecisionOpt, TokenizerOpt, _load, _progress_callback
 
 
 def _fmt(v, stderr=None) -> str:
@@ -75,6 +75,7 @@ def eval_(
     adapter_path: Optional[Path] = typer.Option(None, "--adapter-path", help="LoRA/DoRA adapters folder to apply."),
     tokenizer: Optional[str] = TokenizerOpt,
     dtype: str = typer.Option("auto", "--dtype", help="Compute dtype: auto, float32, float16, bfloat16."),
+    prompt_precision: str = PromptPrecisionOpt,
 ):
     """Evaluate zero-shot accuracy: lm-eval tasks (the paper's table by default) or, with --data, the 8 commonsense tasks."""
     import importlib.util
@@ -99,7 +100,7 @@ def eval_(
         if num_fewshot is not None or include_path is not None:
             raise ValueError("--num-fewshot and --include-path apply to lm-eval tasks, not to --data")
         protocol = protocol or "loglikelihood"
-    m, tok = _load(model, dtype, adapter_path, tokenizer)
+    m, tok = _load(model, dtype, adapter_path, tokenizer, prompt_precision)
     console = Console()
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=Console(stderr=True), transient=True) as progress:

@@ -8,7 +8,7 @@ from typing import Optional
 
 import typer
 
-from ._common import DEFAULT_CHAT_MODEL, ModelOpt, TokenizerOpt, _describe, _load, _stats_line, err
+from ._common import DEFAULT_CHAT_MODEL, ModelOpt, PromptPrecisionOpt, TokenizerOpt, _describe, _load, _stats_line, err
 
 
 def _sampling(temp, top_p, top_k, min_p, repetition_penalty, seed):
@@ -41,6 +41,7 @@ def generate(
     adapter_path: Optional[Path] = typer.Option(None, "--adapter-path", help="LoRA/DoRA adapters folder to apply."),
     tokenizer: Optional[str] = TokenizerOpt,
     dtype: str = typer.Option("auto", "--dtype", help="Compute dtype: auto (float32 on CPU, stored dtype on GPU), float32, float16, bfloat16."),
+    prompt_precision: str = PromptPrecisionOpt,
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Report speed, memory, device, dtype and BLAS."),
 ):
     """Generate text from a prompt, streaming it to stdout."""
@@ -51,7 +52,7 @@ def generate(
     sampling = _sampling(temp, top_p, top_k, min_p, repetition_penalty, seed)
     if prompt == "-":
         prompt = sys.stdin.read()
-    m, tok = _load(model, dtype, adapter_path, tokenizer)
+    m, tok = _load(model, dtype, adapter_path, tokenizer, prompt_precision)
     draft = _load(draft_model, dtype, tokenizer=tokenizer)[0] if draft_model else None
     if chat_template:
         prompt = tok.apply_chat_template([{"role": "user", "content": prompt}], add_empty_system=system_turn)
@@ -87,6 +88,7 @@ def chat(
     adapter_path: Optional[Path] = typer.Option(None, "--adapter-path", help="LoRA/DoRA adapters folder to apply."),
     tokenizer: Optional[str] = TokenizerOpt,
     dtype: str = typer.Option("auto", "--dtype", help="Compute dtype: auto (float32 on CPU, stored dtype on GPU), float32, float16, bfloat16."),
+    prompt_precision: str = PromptPrecisionOpt,
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Report speed, memory and how much of the history came from the cache."),
 ):
     """Chat with an -Instruct model. /reset clears the history, /exit quits, Ctrl-C stops an answer.
@@ -97,7 +99,7 @@ def chat(
     from ..generate.chat import ChatSession
 
     sampling = _sampling(temp, top_p, top_k, min_p, repetition_penalty, seed)
-    m, tok = _load(model, dtype, adapter_path, tokenizer)
+    m, tok = _load(model, dtype, adapter_path, tokenizer, prompt_precision)
     session = ChatSession(m, tok, system=system, add_empty_system=system_turn)
     interactive = sys.stdin.isatty()
     info = Console(stderr=True, highlight=False, soft_wrap=True)

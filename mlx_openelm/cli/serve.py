@@ -7,7 +7,7 @@ from typing import List, Optional
 
 import typer
 
-from ._common import DEFAULT_CHAT_MODEL, _describe, _load
+from ._common import DEFAULT_CHAT_MODEL, PromptPrecisionOpt, _describe, _load
 
 def serve(
     model: List[str] = typer.Option([DEFAULT_CHAT_MODEL], "--model", "-m", help="MLX folder, apple/OpenELM-* folder or hub id, loaded at start (repeat to serve several; the first is the default)."),
@@ -25,6 +25,7 @@ def serve(
     max_body_mb: float = typer.Option(4.0, "--max-body-mb", help="Largest request body in MiB (413 beyond)."),
     allowed_origin: List[str] = typer.Option([], "--allowed-origin", help="Enable CORS for this origin (repeatable; '*' for any)."),
     dtype: str = typer.Option("auto", "--dtype", help="Compute dtype: auto, float32, float16, bfloat16."),
+    prompt_precision: str = PromptPrecisionOpt,
 ):
     """Serve a model over an OpenAI-compatible API (/v1/chat/completions, /v1/completions, /v1/models,
     /tokenize, /detokenize, /tokenizer_info, /health) for chat front-ends, the openai client and lm-eval."""
@@ -40,7 +41,7 @@ def serve(
     served, names = [], set()
     for i, spec in enumerate(model):
         with console.status(f"loading {spec} ..."):
-            m, tok = _load(spec, dtype, adapter_path if i == 0 else None)
+            m, tok = _load(spec, dtype, adapter_path if i == 0 else None, prompt_precision=prompt_precision)
             draft = _load(draft_model, dtype)[0] if draft_model and i == 0 else None
         name = Path(spec).name if Path(spec).exists() else spec
         if name in names:

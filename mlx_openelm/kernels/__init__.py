@@ -14,13 +14,17 @@ dispatch than to compute. ``_ext`` (built from ``csrc/`` by ``pip install -e .``
   is five nodes (``model.TransformerBlock._decode``);
 - ``cached_attention``: q/k RMSNorm, RoPE, the KV-cache write and causal GQA attention;
 - ``tiled_matmul`` / ``tiled_swiglu``: prompt-sized products of half or 4/8-bit layers, the weight
-  widened a tile at a time into the process's ``cblas_sgemm``; ``to_float32``, ``dequantize``.
+  widened a tile at a time into the process's ``cblas_sgemm``; ``to_float32``, ``dequantize``. With
+  ``prompt_precision("bfloat16")`` the prompt products of bfloat16 and 4/8-bit layers take x rounded to
+  bfloat16 (as the model computes on a GPU, and llama.cpp on a CPU) and, where the CPU has AVX-512 BF16,
+  run as bfloat16 dot products at twice the float32 rate (``csrc/bf16_gemm.h``); float32 sums throughout.
 
 Where it is not built (macOS, no compiler, another mlx version) or the default device is a GPU,
 everything falls back to plain MLX. ``linear(layer, x)`` is the dispatch point for plain products;
 ``fused_linear``, ``cached_attention`` and ``swiglu_product`` are used by the model for inference
 with a KV cache only (``fusion_on``; ``no_fusion`` turns them off for op-level studies). Results
-agree with ``mx.matmul`` / ``mx.quantized_matmul`` / MLX's RoPE and SDPA up to float32 rounding.
+agree with ``mx.matmul`` / ``mx.quantized_matmul`` / MLX's RoPE and SDPA up to float32 rounding (with the
+bfloat16 prompt precision: with ``mx.matmul`` of the bfloat16-rounded x).
 """
 
 from __future__ import annotations
@@ -37,8 +41,11 @@ MAX_ROWS = 8  # up to this many rows of activations the extension streams each w
 QUANT_BITS = (4, 8)
 FLOAT_WEIGHTS = (mx.float32, mx.bfloat16, mx.float16)  # weight dtypes gemv reads (activations float32)
 
+PROMPT_PRECISIONS = ("float32", "bfloat16")  # what x is rounded to in many-row products of half/quantized layers
+
 _lib = None
 _STATUS = "not loaded"
+_PROMPT_BF16 = False
 
 
 def _load() -> None:
@@ -82,8 +89,40 @@ def describe() -> str:
     if _lib is None:
         return f"MLX built-in (CPU fast path {_STATUS})"
     vnni = ", 4-bit decode by VNNI integer dots" if _lib.has_vnni() else ""
+    prompts = ""
+    if _PROMPT_BF16:
+        how = "AVX-512 BF16 dots" if _lib.has_bf16_dot() else "float32 products"
+        prompts = f"; prompts of bfloat16/4/8-bit layers with bfloat16 inputs ({how})"
     return (f"mlx_openelm CPU kernels: products of <= {MAX_ROWS} rows (float32/bfloat16/float16 or 4/8-bit weights, "
-            f"{_lib.num_threads()} threads{vnni}), cached attention; MLX/BLAS otherwise")
+            f"{_lib.num_threads()} threads{vnni}), cached attention{prompts}; MLX/BLAS otherwise")
+
+
+def get_prompt_precision() -> str:
+    """``"float32"`` (default: prompt products as exact as decoding) or ``"bfloat16"``."""
+    return "bfloat16" if _PROMPT_BF16 else "float32"
+
+
+def set_prompt_precision(name: str) -> str:
+    """What x is rounded to in products of more than ``MAX_ROWS`` rows (prompts, scoring, large batches) with
+    bfloat16 and 4/8-bit layers on the CPU: ``"float32"`` (not rounded) or ``"bfloat16"`` (rounded to nearest
+    even, then bfloat16 dot products with float32 sums: about twice as fast where the CPU has AVX-512 BF16;
+    float16 and float32 layers, and products of fewer rows, are not affected). Returns the previous setting."""
+    global _PROMPT_BF16
+    if name not in PROMPT_PRECISIONS:
+        raise ValueError(f"prompt precision {name!r}: choose one of {', '.join(PROMPT_PRECISIONS)}")
+    previous = get_prompt_precision()
+    _PROMPT_BF16 = name == "bfloat16"
+    return previous
+
+
+@contextmanager
+def prompt_precision(name: str):
+    """Within the block, ``set_prompt_precision(name)``."""
+    previous = set_prompt_precision(name)
+    try:
+        yield
+    finally:
+        set_prompt_precision(previous)
 
 
 @contextmanager
@@ -106,6 +145,18 @@ def no_vnni():
     finally:
         if _lib is not None:
             _lib.set_vnni(saved)
+
+
+@contextmanager
+def no_bf16_dot():
+    """Within the block, bfloat16-precision prompt products take the path of CPUs without AVX-512 BF16
+    (x rounded to bfloat16, then float32 products): to compare the two in one process."""
+    saved = _lib.set_bf16_dot(False) if _lib is not None else None
+    try:
+        yield
+    finally:
+        if _lib is not None:
+            _lib.set_bf16_dot(saved)
 
 
 def set_threads(n: int) -> None:
@@ -200,7 +251,7 @@ def product(m: nn.Module, x: mx.array) -> Optional[mx.array]:
             return _lib.gemv(x, m.weight)
         if m.weight.dtype != mx.float32:  # half weights kept on the CPU: widened a tile at a time into BLAS
             if _lib.has_blas():
-                return _lib.tiled_matmul(x, m.weight, None, None, 0, 0)
+                return _lib.tiled_matmul(x, m.weight, None, None, 0, 0, bf16_inputs=_PROMPT_BF16)
             return x @ _lib.to_float32(m.weight).T
         return None
     if t in (nn.QuantizedLinear, nn.QuantizedEmbedding):
@@ -212,7 +263,7 @@ def product(m: nn.Module, x: mx.array) -> Optional[mx.array]:
             # many rows: float32 weights, then BLAS (mx.quantized_matmul is ~2.5 GFLOP/s here, and
             # mx.dequantize on the CPU ~15 M values/s): a tile of rows at a time, or the whole layer at once
             if _lib is not None and _quant_ok(m) and _lib.has_blas():
-                return _lib.tiled_matmul(x, m.weight, m.scales, m.biases, m.group_size, m.bits)
+                return _lib.tiled_matmul(x, m.weight, m.scales, m.biases, m.group_size, m.bits, bf16_inputs=_PROMPT_BF16)
             if _lib is not None and _quant_ok(m):
                 w = _lib.dequantize(m.weight, m.scales, m.biases, m.group_size, m.bits)
             else:
@@ -274,7 +325,7 @@ def swiglu_product(m: nn.Module, x: mx.array) -> Optional[mx.array]:
         return None
     quant = type(m) is nn.QuantizedLinear
     return _lib.tiled_swiglu(x, m.weight, m.scales if quant else None, m.biases if quant else None,
-                             m.group_size if quant else 0, m.bits if quant else 0)
+                             m.group_size if quant else 0, m.bits if quant else 0, bf16_inputs=_PROMPT_BF16)
 
 
 def linear(m: nn.Module, x: mx.array) -> mx.array:

@@ -44,9 +44,10 @@ def build(out_dir, build_dir=None, python: str = sys.executable, quiet: bool = T
         build_dir = tmp.name
     try:
         jobs = str(max(1, min(4, os.cpu_count() or 1)))
+        staged = Path(build_dir) / "out"
         steps = [
             [cmake, "-S", str(SOURCE_DIR), "-B", str(build_dir), "-DCMAKE_BUILD_TYPE=Release",
-             f"-DPython_EXECUTABLE={python}", f"-DCMAKE_LIBRARY_OUTPUT_DIRECTORY={out_dir}"],
+             f"-DPython_EXECUTABLE={python}", f"-DCMAKE_LIBRARY_OUTPUT_DIRECTORY={staged}"],
             [cmake, "--build", str(build_dir), "-j", jobs],
         ]
         for cmd in steps:
@@ -54,6 +55,12 @@ def build(out_dir, build_dir=None, python: str = sys.executable, quiet: bool = T
             if r.returncode != 0:
                 log = ((r.stdout or "") + (r.stderr or ""))[-3000:]
                 raise RuntimeError(f"building the CPU kernels failed: {' '.join(cmd[:2])} ...\n{log}")
+        # Moved in by rename: a process that has the old file loaded keeps its copy (writing over a loaded
+        # library in place crashes it), and a failed build leaves the old one untouched.
+        for f in staged.glob("_ext*.so"):
+            part = out_dir / (f.name + ".part")
+            shutil.copy2(f, part)
+            os.replace(part, out_dir / f.name)
     finally:
         if tmp is not None:
             tmp.cleanup()

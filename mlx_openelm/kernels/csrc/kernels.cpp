@@ -1023,6 +1023,7 @@ mx::array to_float32(const mx::array& w, mx::StreamOrDevice s) {
 
 #include "attention.h"
 #include "fused_linear.h"
+#include "bf16_gemm.h"
 #include "tiled_matmul.h"
 
 }  // namespace
@@ -1045,11 +1046,15 @@ NB_MODULE(_ext, m) {
         "prologue"_a, "norm_weight"_a.none(), "eps"_a, "residual"_a.none(), nb::kw_only(), "stream"_a = nb::none(),
         "prologue(x) @ w.T (+ residual) for <= 8 rows on the CPU; prologue none, rms_norm or swiglu");
   m.def("tiled_matmul", &tiled_matmul, "x"_a, "w"_a, "scales"_a.none(), "biases"_a.none(), "group_size"_a, "bits"_a,
-        nb::kw_only(), "stream"_a = nb::none(),
-        "x @ w.T for many rows: half or 4/8-bit w widened a tile at a time into the process's cblas_sgemm");
+        nb::kw_only(), "bf16_inputs"_a = false, "stream"_a = nb::none(),
+        "x @ w.T for many rows: half or 4/8-bit w widened a tile at a time into the process's cblas_sgemm; "
+        "bf16_inputs: x rounded to bfloat16 (bfloat16/4/8-bit w; AVX-512 BF16 dots where built)");
   m.def("tiled_swiglu", &tiled_swiglu, "x"_a, "w"_a, "scales"_a.none(), "biases"_a.none(), "group_size"_a, "bits"_a,
-        nb::kw_only(), "stream"_a = nb::none(),
+        nb::kw_only(), "bf16_inputs"_a = false, "stream"_a = nb::none(),
         "silu(x @ w[:H].T) * (x @ w[H:].T) for many rows, a tile of hidden units at a time (inference)");
+  m.def("has_bf16_dot", &has_bf16_dot, "Whether bfloat16-input prompt products use AVX-512 BF16 dots (built in)");
+  m.def("set_bf16_dot", &set_bf16_dot, "on"_a,
+        "Use the AVX-512 BF16 dots where they apply (default on; off: rounded x, float32 path); returns the previous setting");
   m.def("has_blas", &has_blas, "Whether a cblas_sgemm is visible in the process (for tiled_matmul)");
   m.def("to_float32", &to_float32, "w"_a, nb::kw_only(), "stream"_a = nb::none(),
         "float16/bfloat16 -> float32 on the CPU, multi-threaded");

@@ -4,7 +4,8 @@
 // cblas_sgemm (found with dlsym: the OpenBLAS mlx_openelm preloads globally, else whatever BLAS MLX
 // itself resolved), writing its columns of the output. Against dequantizing whole layers first this
 // holds no float32 copy of a layer (the transient that made a 4-bit model's prompt peak at twice its
-// size) and reads each widened tile from cache.
+// size) and reads each widened tile from cache. With bf16_inputs (the bfloat16 prompt precision) bfloat16
+// and 4/8-bit weights go to bf16_gemm.h's bfloat16 dot products instead, where the CPU has them.
 
 #include <dlfcn.h>
 
@@ -31,7 +32,7 @@ mx::array widened(const std::vector<mx::array>& p, int bits, int gs, mx::Stream 
 // Float32 bytes of W widened per cblas_sgemm call. Each call packs x again (M x K floats), so tiles
 // too small for the M of a prompt spend their time there: a 511-token prompt of a float16 270M model
 // prefilled at 119 / 253 / 291 / 273 tok/s (medians, interleaved) with 0.5 / 2 / 8 / 16 MB tiles.
-// The tile is a transient outside MLX's allocator (its peak-memory figures do not count it).
+// The tiles come from MLX's allocator (Scratch), so its peak-memory figures count them.
 constexpr int64_t kTileBytes = int64_t(8) << 20;
 
 // Scratch floats from MLX's allocator (so its active/peak memory figures count them), freed with it.
@@ -47,9 +48,12 @@ class Scratch {
   mx::allocator::Data data_;
 };
 
+std::atomic<bool> g_bf16_dot{true};  // tests turn the dot path off to check the path without AVX-512 BF16
+
 class TiledMatmul : public mx::UnaryPrimitive {
  public:
-  TiledMatmul(mx::Stream s, int bits, int gs, bool swiglu) : mx::UnaryPrimitive(s), bits_(bits), gs_(gs), swiglu_(swiglu) {}
+  TiledMatmul(mx::Stream s, int bits, int gs, bool swiglu, bool bf16)
+      : mx::UnaryPrimitive(s), bits_(bits), gs_(gs), swiglu_(swiglu), bf16_(bf16) {}
 
   void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override {
     const mx::array& x = inputs[0];
@@ -59,28 +63,65 @@ class TiledMatmul : public mx::UnaryPrimitive {
     const float* sp = bits_ ? inputs[2].data<float>() : nullptr;
     const float* bp = bits_ ? inputs[3].data<float>() : nullptr;
     enc.dispatch([=, xp = x.data<float>(), wp = w.data<void>(), wt = w.dtype(), op = out.data<float>(), bits = bits_,
-                  gs = gs_, swiglu = swiglu_]() {
-      sgemm_fn gemm = blas_sgemm();
-      if (!swiglu) {
-        const int64_t T = std::max<int64_t>(16, std::min<int64_t>(N, kTileBytes / (K * 4)) / 16 * 16);
-        Scratch buf(T * K);
-        for (int64_t n0 = 0; n0 < N; n0 += T) {
-          const int64_t n1 = std::min(N, n0 + T);
-          widen_rows(wt, wp, sp, bp, bits, gs, K, n0, n1, buf.data());
-          gemm(kRowMajor, kNoTrans, kTrans, (int)M, (int)(n1 - n0), (int)K, 1.0f, xp, (int)K, buf.data(), (int)K,
-               0.0f, op + n0, (int)N);
+                  gs = gs_, swiglu = swiglu_, bf16 = bf16_]() {
+      if (M == 0) return;
+      // bfloat16 prompt precision (bf16_gemm.h): bfloat16 and 4/8-bit weights only
+      const bool round = bf16 && (bits || wt == mx::bfloat16);
+      const int64_t T0 = swiglu ? N / 2 : N;  // output columns
+      const int64_t T = std::max<int64_t>(16, std::min<int64_t>(T0, kTileBytes / (swiglu ? 2 : 1) / (K * 4)) / 16 * 16);
+      const float* xf = xp;
+      std::optional<Scratch> xr, buf, a, xs;
+#ifdef MLX_OPENELM_BF16DOT
+      const bool dot = round && bf16dot_applies(wt, bits, K) && g_bf16_dot.load(std::memory_order_relaxed);
+#else
+      const bool dot = false;
+#endif
+      if (dot) {
+#ifdef MLX_OPENELM_BF16DOT
+        a.emplace(M * K / 2);  // bfloat16 pairs: 4 bytes, like a float
+        if (bits) xs.emplace(M * (K / gs));
+        pack_x_bf16(xp, M, K, gs, reinterpret_cast<uint32_t*>(a->data()), bits ? xs->data() : nullptr);
+#endif
+      } else {
+        if (round) {
+          xr.emplace(M * K);
+          round_to_bf16(xp, M * K, xr->data());
+          xf = xr->data();
         }
+        buf.emplace((swiglu ? 2 : 1) * T * K);
+      }
+      // dst[m, j] (row stride ldc) = x row m times W row n0 + j, j in [0, n1 - n0)
+      auto rows = [&](int64_t n0, int64_t n1, float* dst, int64_t ldc) {
+#ifdef MLX_OPENELM_BF16DOT
+        if (dot) {
+          bf16_product(reinterpret_cast<const uint32_t*>(a->data()), bits ? xs->data() : nullptr, M, K, wt, wp, sp,
+                       bp, bits, gs, n0, n1, dst, ldc);
+          return;
+        }
+#endif
+        widen_rows(wt, wp, sp, bp, bits, gs, K, n0, n1, buf->data());
+        blas_sgemm()(kRowMajor, kNoTrans, kTrans, (int)M, (int)(n1 - n0), (int)K, 1.0f, xf, (int)K, buf->data(),
+                     (int)K, 0.0f, dst, (int)ldc);
+      };
+      if (!swiglu) {
+        if (dot) rows(0, N, op, N);
+        else
+          for (int64_t n0 = 0; n0 < N; n0 += T) rows(n0, std::min(N, n0 + T), op + n0, N);
         return;
       }
       const int64_t H = N / 2;
-      const int64_t T = std::max<int64_t>(16, std::min<int64_t>(H, kTileBytes / 2 / (K * 4)) / 16 * 16);
-      Scratch buf(2 * T * K), tmp(M * 2 * T);
+      Scratch tmp(M * 2 * T);
       for (int64_t h0 = 0; h0 < H; h0 += T) {
         const int64_t h1 = std::min(H, h0 + T), t = h1 - h0;
-        widen_rows(wt, wp, sp, bp, bits, gs, K, h0, h1, buf.data());
-        widen_rows(wt, wp, sp, bp, bits, gs, K, H + h0, H + h1, buf.data() + t * K);
-        gemm(kRowMajor, kNoTrans, kTrans, (int)M, (int)(2 * t), (int)K, 1.0f, xp, (int)K, buf.data(), (int)K, 0.0f,
-             tmp.data(), (int)(2 * t));
+        if (dot) {
+          rows(h0, h1, tmp.data(), 2 * t);
+          rows(H + h0, H + h1, tmp.data() + t, 2 * t);
+        } else {  // gate and up rows widened side by side: one sgemm (each call packs x again)
+          widen_rows(wt, wp, sp, bp, bits, gs, K, h0, h1, buf->data());
+          widen_rows(wt, wp, sp, bp, bits, gs, K, H + h0, H + h1, buf->data() + t * K);
+          blas_sgemm()(kRowMajor, kNoTrans, kTrans, (int)M, (int)(2 * t), (int)K, 1.0f, xf, (int)K, buf->data(),
+                       (int)K, 0.0f, tmp.data(), (int)(2 * t));
+        }
         for (int64_t m = 0; m < M; ++m) {
           const float* g = tmp.data() + m * 2 * t;
           float* o = op + m * H + h0;
@@ -103,7 +144,7 @@ class TiledMatmul : public mx::UnaryPrimitive {
   const char* name() const override { return "OpenELMTiledMatmul"; }
   bool is_equivalent(const mx::Primitive& other) const override {
     const auto& o = static_cast<const TiledMatmul&>(other);
-    return bits_ == o.bits_ && gs_ == o.gs_ && swiglu_ == o.swiglu_;
+    return bits_ == o.bits_ && gs_ == o.gs_ && swiglu_ == o.swiglu_ && bf16_ == o.bf16_;
   }
   std::vector<mx::Shape> output_shapes(const std::vector<mx::array>& inputs) override {
     return {out_shape(inputs[0], inputs[1].shape(0) / (swiglu_ ? 2 : 1))};
@@ -111,13 +152,23 @@ class TiledMatmul : public mx::UnaryPrimitive {
 
  private:
   int bits_, gs_;
-  bool swiglu_;
+  bool swiglu_, bf16_;
 };
 
 bool has_blas() { return blas_sgemm() != nullptr; }
 
+bool set_bf16_dot(bool on) { return g_bf16_dot.exchange(on); }
+
+bool has_bf16_dot() {
+#ifdef MLX_OPENELM_BF16DOT
+  return true;
+#else
+  return false;
+#endif
+}
+
 mx::array tiled(const mx::array& x, const mx::array& w, const std::optional<mx::array>& scales,
-                const std::optional<mx::array>& biases, int group_size, int bits, bool swiglu, mx::StreamOrDevice s) {
+                const std::optional<mx::array>& biases, int group_size, int bits, bool swiglu, bool bf16_inputs, mx::StreamOrDevice s) {
   auto st = cpu_stream(s);
   if (!has_blas()) throw std::runtime_error("tiled products: no cblas_sgemm in the process");
   if (x.dtype() != mx::float32 || w.ndim() != 2 || (swiglu && w.shape(0) % 2))
@@ -136,15 +187,15 @@ mx::array tiled(const mx::array& x, const mx::array& w, const std::optional<mx::
     throw std::invalid_argument("tiled products: w must be bfloat16 or float16 (or 4/8-bit; SwiGLU also float32)");
   }
   return mx::array(out_shape(x, w.shape(0) / (swiglu ? 2 : 1)), mx::float32,
-                   std::make_shared<TiledMatmul>(st, bits, group_size, swiglu), std::move(in));
+                   std::make_shared<TiledMatmul>(st, bits, group_size, swiglu, bf16_inputs), std::move(in));
 }
 
 mx::array tiled_matmul(const mx::array& x, const mx::array& w, const std::optional<mx::array>& scales,
-                       const std::optional<mx::array>& biases, int group_size, int bits, mx::StreamOrDevice s) {
-  return tiled(x, w, scales, biases, group_size, bits, false, s);
+                       const std::optional<mx::array>& biases, int group_size, int bits, bool bf16_inputs, mx::StreamOrDevice s) {
+  return tiled(x, w, scales, biases, group_size, bits, false, bf16_inputs, s);
 }
 
 mx::array tiled_swiglu(const mx::array& x, const mx::array& w, const std::optional<mx::array>& scales,
-                       const std::optional<mx::array>& biases, int group_size, int bits, mx::StreamOrDevice s) {
-  return tiled(x, w, scales, biases, group_size, bits, true, s);
+                       const std::optional<mx::array>& biases, int group_size, int bits, bool bf16_inputs, mx::StreamOrDevice s) {
+  return tiled(x, w, scales, biases, group_size, bits, true, bf16_inputs, s);
 }
