@@ -7,6 +7,7 @@ loading it with RTLD_GLOBAL before ``mlx.core`` makes MLX's ``cblas_sgemm`` reso
 
 from __future__ import annotations
 
+import atexit
 import ctypes
 import ctypes.util
 import os
@@ -52,7 +53,26 @@ def preload_openblas() -> str:
         BLAS = f"reference BLAS ({path} failed to load: {e})"
         return BLAS
     BLAS = f"OpenBLAS ({path})"
+    atexit.register(_drain_mlx)
     return BLAS
+
+
+def _drain_mlx() -> None:
+    """At interpreter exit, wait for MLX work still in flight (``mx.async_eval``, e.g. the token mlx-lm's
+    ``generate_step`` computes ahead). Otherwise OpenBLAS's shutdown (run as its library unloads) races a
+    stream thread still inside ``cblas_sgemm``: measured, 5 of 6 such exits hung or segfaulted."""
+    mx = sys.modules.get("mlx.core")
+    if mx is None:
+        return
+    streams = [None]
+    gen = sys.modules.get("mlx_lm.generate")
+    if gen is not None and hasattr(gen, "generation_stream"):
+        streams.append(gen.generation_stream)
+    for s in streams:
+        try:
+            mx.synchronize(s)
+        except Exception:  # noqa: BLE001 - exiting anyway; nothing to report to
+            pass
 
 
 # ---------------------------------------------------------------- mlx-lm without transformers

@@ -353,3 +353,35 @@ def test_our_streaming_detokenizer_matches_mlx_lm(sp_model_path):
         theirs.finalize()
         assert a + [ours.last_segment] == b + [theirs.last_segment]
     assert tok.detokenizer is not tok.detokenizer  # a fresh one per stream
+
+
+_EXIT_WITH_WORK_IN_FLIGHT = """
+import mlx_openelm
+import mlx.core as mx
+from mlx_lm.generate import generation_stream
+w = mx.random.normal((4096, 4096)) * 0.01
+x = mx.random.normal((64, 4096))
+mx.eval(w, x)
+ys = []
+for stream in (None, generation_stream):
+    with mx.stream(stream if stream is not None else mx.default_stream(mx.default_device())):
+        y = x
+        for _ in range(20):
+            y = y @ w.T
+        ys.append(y)
+mx.async_eval(*ys)
+print(mlx_openelm._backend.BLAS)
+"""
+
+
+def test_exit_with_blas_work_in_flight_is_clean():
+    """A process that ends while MLX still computes (mx.async_eval, as mlx-lm's generate_step leaves the next
+    token) exits 0: with OpenBLAS preloaded its shutdown raced the stream thread inside cblas_sgemm (hung or
+    segfaulted 5 times in 6 before mlx_openelm waited for in-flight work at exit)."""
+    for _ in range(3):
+        try:
+            r = subprocess.run([sys.executable, "-c", _EXIT_WITH_WORK_IN_FLIGHT], capture_output=True, text=True,
+                               timeout=90, cwd=ROOT)
+        except subprocess.TimeoutExpired:
+            pytest.fail("the process hung at exit")
+        assert r.returncode == 0, (r.returncode, r.stderr[-2000:])
