@@ -30,7 +30,7 @@ PromptPrecisionOpt = typer.Option(
     "float32", "--prompt-precision",
     help="CPU prompts (and scoring) of bfloat16 or 4/8-bit models: float32 (activations exact, the default) or "
     "bfloat16 (activations rounded to bfloat16 before each product, as the model computes on a GPU and llama.cpp "
-    "on a CPU: about 1.6x faster prompts where the CPU has AVX-512 BF16). Applies to products of more than 8 "
+    "on a CPU: 1.4-1.9x faster prompts where the CPU has AVX-512 BF16). Applies to products of more than 8 "
     "rows: prompts, scoring, batches of more than 8 sequences; decoding one sequence is unaffected.")
 
 

@@ -138,7 +138,8 @@ def disabled():
 
 @contextmanager
 def no_vnni():
-    """Within the block, one-row 4-bit products take the float path (to compare the two in one process)."""
+    """Within the block, one-row 4-bit products take the float path (to compare the two in one process);
+    the switch is read when a product runs, so evaluate inside the block."""
     saved = _lib.set_vnni(False) if _lib is not None else None
     try:
         yield
@@ -149,8 +150,8 @@ def no_vnni():
 
 @contextmanager
 def no_bf16_dot():
-    """Within the block, bfloat16-precision prompt products take the path of CPUs without AVX-512 BF16
-    (x rounded to bfloat16, then float32 products): to compare the two in one process."""
+    """Products built within the block with the bfloat16 prompt precision take the path of CPUs without
+    AVX-512 BF16 (x rounded to bfloat16, then float32 products): to compare the two in one process."""
     saved = _lib.set_bf16_dot(False) if _lib is not None else None
     try:
         yield

@@ -48,12 +48,14 @@ class Scratch {
   mx::allocator::Data data_;
 };
 
-std::atomic<bool> g_bf16_dot{true};  // tests turn the dot path off to check the path without AVX-512 BF16
+// Tests turn the dot path off to check the path of CPUs without AVX-512 BF16 (read as a product is built).
+std::atomic<bool> g_bf16_dot{true};
 
 class TiledMatmul : public mx::UnaryPrimitive {
  public:
-  TiledMatmul(mx::Stream s, int bits, int gs, bool swiglu, bool bf16)
-      : mx::UnaryPrimitive(s), bits_(bits), gs_(gs), swiglu_(swiglu), bf16_(bf16) {}
+  // bf16: x rounded to bfloat16; dot: by bfloat16 dot products where they apply (else the float32 path)
+  TiledMatmul(mx::Stream s, int bits, int gs, bool swiglu, bool bf16, bool dot)
+      : mx::UnaryPrimitive(s), bits_(bits), gs_(gs), swiglu_(swiglu), bf16_(bf16), dot_(dot) {}
 
   void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override {
     const mx::array& x = inputs[0];
@@ -63,7 +65,7 @@ class TiledMatmul : public mx::UnaryPrimitive {
     const float* sp = bits_ ? inputs[2].data<float>() : nullptr;
     const float* bp = bits_ ? inputs[3].data<float>() : nullptr;
     enc.dispatch([=, xp = x.data<float>(), wp = w.data<void>(), wt = w.dtype(), op = out.data<float>(), bits = bits_,
-                  gs = gs_, swiglu = swiglu_, bf16 = bf16_]() {
+                  gs = gs_, swiglu = swiglu_, bf16 = bf16_, use_dot = dot_]() {
       if (M == 0) return;
       // bfloat16 prompt precision (bf16_gemm.h): bfloat16 and 4/8-bit weights only
       const bool round = bf16 && (bits || wt == mx::bfloat16);
@@ -72,7 +74,7 @@ class TiledMatmul : public mx::UnaryPrimitive {
       const float* xf = xp;
       std::optional<Scratch> xr, buf, a, xs;
 #ifdef MLX_OPENELM_BF16DOT
-      const bool dot = round && bf16dot_applies(wt, bits, K) && g_bf16_dot.load(std::memory_order_relaxed);
+      const bool dot = round && use_dot && bf16dot_applies(wt, bits, K);
 #else
       const bool dot = false;
 #endif
@@ -144,7 +146,7 @@ class TiledMatmul : public mx::UnaryPrimitive {
   const char* name() const override { return "OpenELMTiledMatmul"; }
   bool is_equivalent(const mx::Primitive& other) const override {
     const auto& o = static_cast<const TiledMatmul&>(other);
-    return bits_ == o.bits_ && gs_ == o.gs_ && swiglu_ == o.swiglu_ && bf16_ == o.bf16_;
+    return bits_ == o.bits_ && gs_ == o.gs_ && swiglu_ == o.swiglu_ && bf16_ == o.bf16_ && dot_ == o.dot_;
   }
   std::vector<mx::Shape> output_shapes(const std::vector<mx::array>& inputs) override {
     return {out_shape(inputs[0], inputs[1].shape(0) / (swiglu_ ? 2 : 1))};
@@ -152,7 +154,7 @@ class TiledMatmul : public mx::UnaryPrimitive {
 
  private:
   int bits_, gs_;
-  bool swiglu_, bf16_;
+  bool swiglu_, bf16_, dot_;
 };
 
 bool has_blas() { return blas_sgemm() != nullptr; }
@@ -187,7 +189,8 @@ mx::array tiled(const mx::array& x, const mx::array& w, const std::optional<mx::
     throw std::invalid_argument("tiled products: w must be bfloat16 or float16 (or 4/8-bit; SwiGLU also float32)");
   }
   return mx::array(out_shape(x, w.shape(0) / (swiglu ? 2 : 1)), mx::float32,
-                   std::make_shared<TiledMatmul>(st, bits, group_size, swiglu, bf16_inputs), std::move(in));
+                   std::make_shared<TiledMatmul>(st, bits, group_size, swiglu, bf16_inputs,
+                                                 g_bf16_dot.load(std::memory_order_relaxed)), std::move(in));
 }
 
 mx::array tiled_matmul(const mx::array& x, const mx::array& w, const std::optional<mx::array>& scales,
