@@ -137,27 +137,27 @@ def disabled():
 
 
 @contextmanager
+def _switched_off(setter: str):
+    """Within the block, the extension's on/off switch ``setter`` (``set_vnni``, ``set_bf16_dot``) is off."""
+    lib = _lib
+    saved = getattr(lib, setter)(False) if lib is not None else None
+    try:
+        yield
+    finally:
+        if lib is not None:
+            getattr(lib, setter)(saved)
+
+
 def no_vnni():
     """Within the block, one-row 4-bit products take the float path (to compare the two in one process);
     the switch is read when a product runs, so evaluate inside the block."""
-    saved = _lib.set_vnni(False) if _lib is not None else None
-    try:
-        yield
-    finally:
-        if _lib is not None:
-            _lib.set_vnni(saved)
+    return _switched_off("set_vnni")
 
 
-@contextmanager
 def no_bf16_dot():
     """Products built within the block with the bfloat16 prompt precision take the path of CPUs without
     AVX-512 BF16 (x rounded to bfloat16, then float32 products): to compare the two in one process."""
-    saved = _lib.set_bf16_dot(False) if _lib is not None else None
-    try:
-        yield
-    finally:
-        if _lib is not None:
-            _lib.set_bf16_dot(saved)
+    return _switched_off("set_bf16_dot")
 
 
 def set_threads(n: int) -> None:
