@@ -124,6 +124,8 @@ def eval_(
         table = _commonsense_table(model, results, protocol)
         summary = {"suite": "commonsense", "model": model, "adapter_path": adapter_path, "data": data,
                    "protocol": protocol, "limit": limit, "results": results}
+    # how the numbers were computed (dtype, kernels, prompt precision): scoring with bfloat16 activations differs
+    summary.update(prompt_precision=prompt_precision, compute=getattr(m, "compute_info", None))
     console.print(table)
     if output is not None:
         write_json(output, summary)
