@@ -53,6 +53,21 @@ def test_generate_prompt_precision_option(mlx_model):
     assert "prompt precision 'int4'" in bad.stderr and "float32, bfloat16" in bad.stderr
 
 
+def test_prompt_precision_survives_loading_a_draft_model(mlx_model, capsys):
+    """--prompt-precision holds for the whole command: loading the --draft-model after the model must not
+    reset it (it did: each load set the default float32)."""
+    from conftest import cli
+    from mlx_openelm import kernels
+
+    try:
+        code, _, err = cli("generate", "--model", mlx_model, "--prompt", "the cat", "--max-tokens", "3",
+                           "--prompt-precision", "bfloat16", "--draft-model", mlx_model, capsys=capsys)
+        assert code == 0, err
+        assert kernels.get_prompt_precision() == "bfloat16"
+    finally:
+        kernels.set_prompt_precision("float32")
+
+
 def test_generate_prompt_lookup_matches_greedy(mlx_model):
     base = ["-m", "mlx_openelm.cli", "generate", "--model", str(mlx_model), "--prompt", "red blue red blue red blue", "--max-tokens", "16"]
     plain = run(*base)

@@ -35,11 +35,14 @@ PromptPrecisionOpt = typer.Option(
 
 
 def _load(model: str, dtype: str = "auto", adapter_path: Optional[Path] = None, tokenizer: Optional[str] = None,
-          prompt_precision: str = "float32"):
+          prompt_precision: Optional[str] = None):
+    """Load a model; ``prompt_precision`` (the command's --prompt-precision, process-wide) is set first so that
+    --verbose reports it; None leaves it as it is (a draft model loaded after the model)."""
     from .. import kernels
     from ..io.load import load
 
-    kernels.set_prompt_precision(prompt_precision)  # before loading: --verbose reports it
+    if prompt_precision is not None:
+        kernels.set_prompt_precision(prompt_precision)
 
     return load(model, dtype=dtype, adapter_path=adapter_path, tokenizer=tokenizer)
 
