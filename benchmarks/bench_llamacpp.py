@@ -164,21 +164,16 @@ def _llama(Llama, path, threads, n_ctx):
 
 
 def ours_runner(model, plain: bool = False, prompt_precision: str = "float32"):
+    """Our generation; ``plain``: with plain MLX (no kernels); ``prompt_precision``: the kernels' setting."""
     run = bench.ours_runner(model, bench.TokenIds())
-    if prompt_precision != "float32":
-        def run_rounded(ids, n):
-            with kernels.prompt_precision(prompt_precision):
-                yield from run(ids, n)
-
-        return run_rounded
-    if not plain:
+    if not plain and prompt_precision == "float32":
         return run
 
-    def run_plain(ids, n):
-        with kernels.disabled():
+    def run_with(ids, n):
+        with kernels.disabled() if plain else kernels.prompt_precision(prompt_precision):
             yield from run(ids, n)
 
-    return run_plain
+    return run_with
 
 
 def measure(contenders: dict, ids, gen: int, repeats: int) -> dict:
@@ -311,7 +306,8 @@ def main() -> None:
     out = {
         "command": " ".join(["python", *sys.argv]),
         "shape": args.shape, "prompt_tokens": args.prompt_tokens, "gen_tokens": args.gen_tokens, "repeats": args.repeats,
-        "bandwidth": bw, "kernels": kernels.describe(), "bf16_dot": bool(kernels.available() and kernels._lib.has_bf16_dot()), "blas": mlx_openelm._backend.BLAS, "mlx_version": mx.__version__,
+        "bandwidth": bw, "kernels": kernels.describe(), "blas": mlx_openelm._backend.BLAS, "mlx_version": mx.__version__,
+        "bf16_dot": bool(kernels.available() and kernels._lib.has_bf16_dot()),
         "llama_cpp": llama, "table": table,
         "raw": {k: v for k, v in res.items()}, "seconds": round(time.perf_counter() - tic, 1),
     }

@@ -989,59 +989,6 @@ def test_decode_layers_take_the_five_node_path_and_match_the_plain_one():
     assert max(np.abs(a - b).max() for (_, a), (_, b) in zip(ours, plain)) < 1e-4
 
 
-@needs_ext
-@pytest.mark.skipif(not (kernels.available() and kernels._lib.has_blas()), reason="no cblas_sgemm in the process")
-@pytest.mark.parametrize("fmt", ["bfloat16", "float16", "q4", "q8"])
-def test_many_row_products_widen_tiles_into_blas(fmt):
-    """Prompt-sized products of half or 4/8-bit layers (``tiled_matmul``: float32 tiles of the weight into
-    cblas_sgemm, no whole-layer copy) equal the float64 product of the stored values; N spans several tiles."""
-    rng = np.random.default_rng(len(fmt))
-    K, N, M = 1280, 2000, 37  # 2000 rows: tiles of 1632 (8 MB of float32), the last one partial
-    lin = nn.Linear(K, N, bias=False)
-    lin.weight = mx.array(rng.standard_normal((N, K)).astype(np.float32) / np.sqrt(K))
-    if fmt.startswith("q"):
-        lin = nn.QuantizedLinear.from_linear(lin, group_size=64, bits=int(fmt[1]))
-        lin.scales, lin.biases = lin.scales.astype(mx.float32), lin.biases.astype(mx.float32)
-        W = unpack_affine(lin.weight, lin.scales, lin.biases, 64, int(fmt[1]))
-    else:
-        lin.weight = lin.weight.astype(getattr(mx, fmt))
-        W = f64(lin.weight.astype(mx.float32))
-    x = mx.array(rng.standard_normal((1, M, K)).astype(np.float32))
-    y = kernels.linear(lin, x)
-    assert y.shape == (1, M, N) and rel_err(y, f64(x) @ W.T) < 1e-5
-    # the gradient with respect to x (LoRA on a half or quantized base trains through it)
-    g = mx.grad(lambda a: (kernels.linear(lin, a) ** 2).sum())(x)
-    ref = 2 * (f64(x) @ W.T) @ W
-    assert rel_err(g, ref) < 1e-4
-
-
-@needs_ext
-@pytest.mark.skipif(not (kernels.available() and kernels._lib.has_blas()), reason="no cblas_sgemm in the process")
-@pytest.mark.parametrize("fmt", ["float32", "bfloat16", "q4", "q8"])
-def test_prompt_swiglu_a_tile_at_a_time_matches_float64(fmt):
-    """silu(x Wg^T) * (x Wu^T) of the fused [gate; up] projection, one tile of hidden units at a time (the
-    prompt path; the [M, 2H] output never exists whole) against float64 NumPy."""
-    rng = np.random.default_rng(7 + len(fmt))
-    K, H, M = 1280, 1000, 23  # 1000 hidden units: tiles of 816 (2 x 4 MB of float32), the last one partial
-    lin = nn.Linear(K, 2 * H, bias=False)
-    lin.weight = mx.array(rng.standard_normal((2 * H, K)).astype(np.float32) / np.sqrt(K))
-    if fmt.startswith("q"):
-        lin = nn.QuantizedLinear.from_linear(lin, group_size=64, bits=int(fmt[1]))
-        lin.scales, lin.biases = lin.scales.astype(mx.float32), lin.biases.astype(mx.float32)
-        W = unpack_affine(lin.weight, lin.scales, lin.biases, 64, int(fmt[1]))
-    else:
-        lin.weight = lin.weight.astype(getattr(mx, fmt))
-        W = f64(lin.weight.astype(mx.float32))
-    x = mx.array(rng.standard_normal((1, M, K)).astype(np.float32))
-    y = kernels.swiglu_product(lin, x)
-    p = f64(x) @ W.T
-    ref = p[..., :H] / (1 + np.exp(-p[..., :H])) * p[..., H:]
-    assert y.shape == (1, M, H) and rel_err(y, ref) < 1e-5
-    assert kernels.swiglu_product(lin, x[:, :4]) is None  # decode rows take fused_linear instead
-    with kernels.no_fusion():
-        assert kernels.swiglu_product(lin, x) is None
-
-
 def bf16_round(a) -> np.ndarray:
     """float32 -> the nearest bfloat16 (ties to even), as float64: on the bits, independently of MLX."""
     u = np.asarray(a, dtype=np.float32).view(np.uint32).astype(np.uint64)
@@ -1062,6 +1009,41 @@ def _layer(fmt: str, K: int, N: int, seed: int):
 
 
 needs_blas = pytest.mark.skipif(not (kernels.available() and kernels._lib.has_blas()), reason="no cblas_sgemm")
+
+
+@needs_ext
+@needs_blas
+@pytest.mark.parametrize("fmt", ["bfloat16", "float16", "q4", "q8"])
+def test_many_row_products_widen_tiles_into_blas(fmt):
+    """Prompt-sized products of half or 4/8-bit layers (``tiled_matmul``: float32 tiles of the weight into
+    cblas_sgemm, no whole-layer copy) equal the float64 product of the stored values; N spans several tiles."""
+    K, N, M = 1280, 2000, 37  # 2000 rows: tiles of 1632 (8 MB of float32), the last one partial
+    lin, W = _layer(fmt, K, N, len(fmt))
+    x = mx.array(np.random.default_rng(len(fmt)).standard_normal((1, M, K)).astype(np.float32))
+    y = kernels.linear(lin, x)
+    assert y.shape == (1, M, N) and rel_err(y, f64(x) @ W.T) < 1e-5
+    # the gradient with respect to x (LoRA on a half or quantized base trains through it)
+    g = mx.grad(lambda a: (kernels.linear(lin, a) ** 2).sum())(x)
+    ref = 2 * (f64(x) @ W.T) @ W
+    assert rel_err(g, ref) < 1e-4
+
+
+@needs_ext
+@needs_blas
+@pytest.mark.parametrize("fmt", ["float32", "bfloat16", "q4", "q8"])
+def test_prompt_swiglu_a_tile_at_a_time_matches_float64(fmt):
+    """silu(x Wg^T) * (x Wu^T) of the fused [gate; up] projection, one tile of hidden units at a time (the
+    prompt path; the [M, 2H] output never exists whole) against float64 NumPy."""
+    K, H, M = 1280, 1000, 23  # 1000 hidden units: tiles of 816 (2 x 4 MB of float32), the last one partial
+    lin, W = _layer(fmt, K, 2 * H, 7 + len(fmt))
+    x = mx.array(np.random.default_rng(8 + len(fmt)).standard_normal((1, M, K)).astype(np.float32))
+    y = kernels.swiglu_product(lin, x)
+    p = f64(x) @ W.T
+    ref = p[..., :H] / (1 + np.exp(-p[..., :H])) * p[..., H:]
+    assert y.shape == (1, M, H) and rel_err(y, ref) < 1e-5
+    assert kernels.swiglu_product(lin, x[:, :4]) is None  # decode rows take fused_linear instead
+    with kernels.no_fusion():
+        assert kernels.swiglu_product(lin, x) is None
 
 
 @needs_ext

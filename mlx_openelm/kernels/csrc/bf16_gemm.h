@@ -26,16 +26,9 @@ inline uint32_t bf16_bits(float f) {  // round to nearest even; NaN stays NaN
   return (u + 0x7fffu + ((u >> 16) & 1)) >> 16;
 }
 
-inline float bf16_value(uint32_t h) {
-  uint32_t u = h << 16;
-  float f;
-  std::memcpy(&f, &u, sizeof(f));
-  return f;
-}
-
 // x rounded to bfloat16, kept as float32 (the path without AVX-512 BF16)
 inline void round_to_bf16(const float* x, int64_t n, float* out) {
-  for (int64_t i = 0; i < n; ++i) out[i] = bf16_value(bf16_bits(x[i]));
+  for (int64_t i = 0; i < n; ++i) out[i] = to_float(bf16_t{(uint16_t)bf16_bits(x[i])});
 }
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512BF16__)
@@ -60,10 +53,10 @@ inline void pack_x_bf16(const float* x, int64_t M, int64_t K, int gs, uint32_t* 
       _mm512_storeu_si512(ar + k / 2, (__m512i)v);
     }
     if (xs) {
-      const uint16_t* h = reinterpret_cast<const uint16_t*>(ar);
+      const bf16_t* h = reinterpret_cast<const bf16_t*>(ar);
       for (int64_t g = 0; g < K / gs; ++g) {
         float s = 0.f;
-        for (int j = 0; j < gs; ++j) s += bf16_value(h[g * gs + j]);
+        for (int j = 0; j < gs; ++j) s += to_float(h[g * gs + j]);
         xs[m * (K / gs) + g] = s;
       }
     }
@@ -196,5 +189,12 @@ inline void bf16_product(const uint32_t* a, const float* xs, int64_t M, int64_t 
   };
   pool().run(panels, job);
 }
+
+#else  // no AVX-512 BF16: the dot path never applies (the callers then round x and take the float32 path)
+
+inline bool bf16dot_applies(mx::Dtype, int, int64_t) { return false; }
+inline void pack_x_bf16(const float*, int64_t, int64_t, int, uint32_t*, float*) {}
+inline void bf16_product(const uint32_t*, const float*, int64_t, int64_t, mx::Dtype, const void*, const float*,
+                         const float*, int, int, int64_t, int64_t, float*, int64_t) {}
 
 #endif  // AVX-512 BF16

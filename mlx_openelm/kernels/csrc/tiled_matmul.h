@@ -73,17 +73,11 @@ class TiledMatmul : public mx::UnaryPrimitive {
       const int64_t T = std::max<int64_t>(16, std::min<int64_t>(T0, kTileBytes / (swiglu ? 2 : 1) / (K * 4)) / 16 * 16);
       const float* xf = xp;
       std::optional<Scratch> xr, buf, a, xs;
-#ifdef MLX_OPENELM_BF16DOT
-      const bool dot = round && use_dot && bf16dot_applies(wt, bits, K);
-#else
-      const bool dot = false;
-#endif
+      const bool dot = round && use_dot && bf16dot_applies(wt, bits, K);  // false where not built
       if (dot) {
-#ifdef MLX_OPENELM_BF16DOT
         a.emplace(M * K / 2);  // bfloat16 pairs: 4 bytes, like a float
         if (bits) xs.emplace(M * (K / gs));
         pack_x_bf16(xp, M, K, gs, reinterpret_cast<uint32_t*>(a->data()), bits ? xs->data() : nullptr);
-#endif
       } else {
         if (round) {
           xr.emplace(M * K);
@@ -94,13 +88,11 @@ class TiledMatmul : public mx::UnaryPrimitive {
       }
       // dst[m, j] (row stride ldc) = x row m times W row n0 + j, j in [0, n1 - n0)
       auto rows = [&](int64_t n0, int64_t n1, float* dst, int64_t ldc) {
-#ifdef MLX_OPENELM_BF16DOT
         if (dot) {
           bf16_product(reinterpret_cast<const uint32_t*>(a->data()), bits ? xs->data() : nullptr, M, K, wt, wp, sp,
                        bp, bits, gs, n0, n1, dst, ldc);
           return;
         }
-#endif
         widen_rows(wt, wp, sp, bp, bits, gs, K, n0, n1, buf->data());
         blas_sgemm()(kRowMajor, kNoTrans, kTrans, (int)M, (int)(n1 - n0), (int)K, 1.0f, xf, (int)K, buf->data(),
                      (int)K, 0.0f, dst, (int)ldc);
