@@ -20,6 +20,7 @@ from mlx.utils import tree_flatten, tree_unflatten
 
 from . import kernels
 from .utils import atomic_write
+from .weights import dequantized_weight
 
 DEFAULT_TARGETS: Tuple[str, ...] = ("qkv_proj", "out_proj", "proj_1", "proj_2")
 ADAPTERS_FILE = "adapters.safetensors"
@@ -32,17 +33,11 @@ def _is_quantized(layer: nn.Module) -> bool:
     return isinstance(layer, (nn.QuantizedLinear, nn.QuantizedEmbedding))
 
 
-def _dense_weight(layer: nn.Module) -> mx.array:
-    """The weight of a float or quantized Linear/Embedding, dequantized if needed."""
+def _dense_weight(layer: nn.Module, dtype: Optional[mx.Dtype] = None) -> mx.array:
+    """The weight of a float or quantized Linear/Embedding, dequantized if needed (in ``dtype`` if given:
+    half scales, as the CPU keeps them, would otherwise round the dequantized values)."""
     if _is_quantized(layer):
-        return mx.dequantize(
-            layer.weight,
-            layer.scales,
-            layer.get("biases"),
-            group_size=layer.group_size,
-            bits=layer.bits,
-            mode=layer.mode,
-        )
+        return dequantized_weight(layer, dtype)
     return layer.weight
 
 
@@ -146,11 +141,11 @@ class DoRALinear(_LinearAdapter):
 
     def __init__(self, base: nn.Module, rank: int = 32, alpha: float = 32.0, dropout: float = 0.1):
         super().__init__(base, rank=rank, alpha=alpha, dropout=dropout)
-        self.m = mx.linalg.norm(_dense_weight(self.linear).astype(mx.float32), axis=1)
+        self.m = mx.linalg.norm(_dense_weight(self.linear, mx.float32), axis=1)
 
     def _norm_scale(self) -> mx.array:
         """``n = m / ||W0 + s B A||_row`` with the norm detached, float32 ``[out]``."""
-        adapted = _dense_weight(self.linear).astype(mx.float32) + self._delta_weight()
+        adapted = _dense_weight(self.linear, mx.float32) + self._delta_weight()
         return self.m / mx.stop_gradient(mx.linalg.norm(adapted, axis=1))
 
     def __call__(self, x: mx.array) -> mx.array:

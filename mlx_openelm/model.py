@@ -161,6 +161,16 @@ class TransformerBlock(nn.Module):
         return kernels.fused_linear(f["proj_2"], u, swiglu=True, residual=h)
 
 
+def _embed(emb: nn.Module, ids: mx.array, dtype: mx.Dtype) -> mx.array:
+    """The rows of ``ids`` in the activations' dtype. A quantized table whose scales are kept in a half dtype
+    (on the CPU, ``weights.ComputePlan.affine_kept``) dequantizes its rows in ``dtype``, not rounded to the scales'."""
+    if isinstance(emb, nn.QuantizedEmbedding) and emb["scales"].dtype != dtype:
+        b = emb.get("biases")
+        return mx.dequantize(emb["weight"][ids], emb["scales"][ids].astype(dtype),
+                             None if b is None else b[ids].astype(dtype), emb.group_size, emb.bits, mode=emb.mode)
+    return emb(ids).astype(dtype)
+
+
 class OpenELMModel(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
@@ -170,7 +180,7 @@ class OpenELMModel(nn.Module):
 
     def __call__(self, inputs: mx.array, cache: Optional[List[Any]] = None, mask=None) -> mx.array:
         # the activations' dtype is the norms' (float32 on the CPU even where matrices stay float16/bfloat16)
-        h = self.token_embeddings(inputs).astype(self.norm.weight.dtype)
+        h = _embed(self.token_embeddings, inputs, self.norm.weight.dtype)
         if mask is None and h.shape[1] > 1:
             mask = "causal"  # aligned bottom-right, so it also holds after a cache offset
         cache = cache or [None] * len(self.layers)

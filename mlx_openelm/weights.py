@@ -41,13 +41,22 @@ def matrix_weights(model: nn.Module) -> Dict[str, mx.array]:
     return {f"{path}.weight": m.weight for path, m in model.named_modules() if type(m) in (nn.Linear, nn.Embedding)}
 
 
+def affine_params(model: nn.Module) -> Dict[str, mx.array]:
+    """``{name: array}`` of the quantized layers' scales and biases: what ``ComputePlan.affine_kept`` keeps."""
+    return {f"{path}.{k}": m[k] for path, m in model.named_modules() if isinstance(m, QUANTIZED)
+            for k in ("scales", "biases") if m.get(k) is not None}
+
+
 def dtype_label(model: nn.Module) -> str:
-    """``float_dtype_of``, or ``"float32 (float16 matrices)"`` where the matrices stay in a half dtype and the
-    rest (the compute dtype) is float32 (``ComputePlan.matrices``)."""
-    mats = {w.dtype for w in matrix_weights(model).values()}
+    """``float_dtype_of``, or ``"float32 (float16 matrices)"`` / ``"float32 (float16 scales)"`` where the
+    matrices (``ComputePlan.matrices``) or a quantized model's scales and biases (``ComputePlan.affine_kept``)
+    stay in a half dtype and the rest (the compute dtype) is float32."""
     rest = {v.dtype for k, v in tree_flatten(model.parameters()) if k.endswith("norm.weight")}
-    if len(mats) == 1 and len(rest) == 1 and mats != rest and mx.float32 in rest:
-        return f"float32 ({DTYPE_NAMES.get(mats.pop())} matrices)"
+    if rest == {mx.float32}:
+        for kind, arrays in (("matrices", matrix_weights(model)), ("scales", affine_params(model))):
+            kept = {w.dtype for w in arrays.values()}
+            if len(kept) == 1 and kept != rest:
+                return f"float32 ({DTYPE_NAMES.get(kept.pop())} {kind})"
     return float_dtype_of(model)
 
 
@@ -115,12 +124,14 @@ def check_dtype(dtype: Optional[str]) -> None:
 class ComputePlan:
     """What a stored model becomes in memory: cast to ``dtype`` (None = keep), ``dequantize`` or not;
     ``matrices``: a dtype the weights of linear layers and the embedding keep instead (the CPU kernels
-    read float16/bfloat16 matrices with float32 activations), None = they follow ``dtype``."""
+    read float16/bfloat16 matrices with float32 activations), None = they follow ``dtype``; ``affine_kept``:
+    a quantized model's scales and biases keep their stored dtype (the CPU kernels widen them as they read)."""
 
     dtype: Optional[str]
     dequantize: bool
     device: str
     matrices: Optional[str] = None
+    affine_kept: bool = False
 
 
 def cpu_runs_quantized(quantization: Union[bool, Dict[str, Any], None]) -> bool:
@@ -145,10 +156,12 @@ def compute_plan(requested: Optional[str], stored_quantized: Union[bool, Dict[st
     (``stored_dtype``) keeps its matrices in that dtype (half the memory and the bytes a decoding step
     reads; the kernels convert as they stream) and only the rest (norms) becomes float32, elsewhere
     everything is upcast; a 4/8-bit model stays quantized
-    where the CPU kernels (``kernels``) are built (less memory and faster decoding; scales and
-    biases become float32) and is dequantized otherwise, since MLX's own CPU quantized matmul is
-    slower than float32 BLAS; ``keep_quantized`` keeps any quantization. On a GPU keep the stored
-    dtype and quantization. A named dtype casts every float parameter and keeps quantization unless
+    where the CPU kernels (``kernels``) are built (less memory and faster decoding; its scales and
+    biases keep their stored dtype, which the kernels widen exactly as they read: a half model's take
+    4 of the 36 bytes per 64 weights of a 4-bit layer instead of 8 of 40) and is dequantized otherwise,
+    since MLX's own CPU quantized matmul is slower than float32 BLAS; ``keep_quantized`` (training)
+    keeps any quantization, with float32 scales and biases for the adapters' float32 arithmetic. On a
+    GPU keep the stored dtype and quantization. A named dtype casts every float parameter and keeps quantization unless
     on the CPU without ``keep_quantized`` (nor kernels for it). ``requested=None`` keeps the stored
     format on any device (for rewriting a model, e.g. fuse). ``stored_quantized``: the stored
     model's ``quantization_of`` (or a bool).
@@ -165,7 +178,8 @@ def compute_plan(requested: Optional[str], stored_quantized: Union[bool, Dict[st
         from . import kernels
 
         matrices = stored_dtype if kernels.available() else None
-    return ComputePlan(target, bool(stored_quantized and cpu and not keep), device, matrices)
+    affine_kept = bool(requested == "auto" and cpu and stored_quantized and not keep_quantized and keep)
+    return ComputePlan(target, bool(stored_quantized and cpu and not keep), device, matrices, affine_kept)
 
 
 def apply_plan(model: nn.Module, plan: ComputePlan) -> nn.Module:
@@ -174,6 +188,9 @@ def apply_plan(model: nn.Module, plan: ComputePlan) -> nn.Module:
     if plan.dequantize:
         dequantize(model, target)
     if target is not None:
-        cast_parameters(model, target, skip=set(matrix_weights(model)) if plan.matrices else ())
+        skip = set(matrix_weights(model)) if plan.matrices else set()
+        if plan.affine_kept:
+            skip |= set(affine_params(model))
+        cast_parameters(model, target, skip=skip)
     mx.eval(model.parameters())
     return model

@@ -153,7 +153,8 @@ def test_as_loaded_follows_the_compute_plan(bits):
     for dtype in ("auto", "float16", "bfloat16", "float32"):
         plan = compute_plan(dtype, bits is not None, keep_quantized=dtype != "auto", stored_dtype="float16")
         got = bench.describe(bench.as_loaded(ckpt, dtype))
-        expect = f"float32 ({plan.matrices} matrices)" if plan.matrices else (plan.dtype or "float16")
+        expect = (f"float32 ({plan.matrices} matrices)" if plan.matrices else
+                  "float32 (float16 scales)" if plan.affine_kept else (plan.dtype or "float16"))
         assert got["dtype"] == expect, dtype
         assert (got["quantization"] is None) == (bits is None or plan.dequantize), dtype
     assert bench.as_loaded(ckpt, "float16") is ckpt  # nothing to change: the same weights

@@ -903,6 +903,74 @@ def test_cpu_policy_keeps_half_matrices_and_computes_in_float32(dtype):
         assert a.dtype == mx.float32 and rel_err(a, f64(b)) < 1e-5
 
 
+@needs_ext
+@pytest.mark.parametrize("half", ["float16", "bfloat16"])
+@pytest.mark.parametrize("bits,group_size", [(4, 64), (4, 32), (8, 64), (4, 128)])
+def test_half_scales_and_biases_are_read_exactly(half, bits, group_size):
+    """Scales and biases kept float16/bfloat16 (as a half model is quantized and stored): every kernel that
+    reads them (qgemv's one-row VNNI and float paths, its row blocks, fused_linear, dequantize, the tiled prompt
+    product with and without bfloat16 inputs) agrees with float64 written out from the packed layout, and is
+    bit-identical to the same kernel given the float32 widening of those scales (widening is exact)."""
+    K, N = 512, 200
+    k1, k2 = mx.random.split(mx.random.key(bits * 7 + group_size))
+    wq, s32, b32 = mx.quantize(mx.random.normal((N, K), key=k2) * K**-0.5, group_size, bits)
+    s, b = s32.astype(getattr(mx, half)), b32.astype(getattr(mx, half))
+    sw, bw = s.astype(mx.float32), b.astype(mx.float32)  # exact: what the kernels widen to
+    W = unpack_affine(wq, s, b, group_size, bits)
+    for rows in (1, 3, 8):
+        x = mx.random.normal((rows, K), key=mx.random.key(rows))
+        y = kernels.qgemv(x, wq, s, b, group_size, bits)
+        assert rel_err(y, f64(x) @ W.T) < 3e-6
+        assert np.array_equal(np.array(y), np.array(kernels.qgemv(x, wq, sw, bw, group_size, bits)))
+        fused = kernels._lib.fused_linear(x, wq, s, b, group_size, bits, "none", None, 0.0, None)
+        assert np.array_equal(np.array(fused), np.array(kernels._lib.fused_linear(x, wq, sw, bw, group_size, bits,
+                                                                                    "none", None, 0.0, None)))
+    deq = kernels.dequantize(wq, s, b, group_size, bits)
+    assert deq.dtype == mx.float32 and np.array_equal(np.array(deq), np.array(kernels.dequantize(wq, sw, bw, group_size, bits)))
+    assert rel_err(deq, W) < 1e-6
+    if kernels._lib.has_blas():
+        x = mx.random.normal((40, K), key=mx.random.key(40))
+        for bf16 in (False, True):
+            y = kernels._lib.tiled_matmul(x, wq, s, b, group_size, bits, bf16_inputs=bf16)
+            ref = (bf16_round(np.array(x)) if bf16 else f64(x)) @ W.T
+            assert rel_err(y, ref) < 3e-6
+            same = kernels._lib.tiled_matmul(x, wq, sw, bw, group_size, bits, bf16_inputs=bf16)
+            assert np.array_equal(np.array(y), np.array(same))
+    with pytest.raises(ValueError, match="alike"):  # scales and biases of two dtypes
+        kernels.qgemv(x[:1], wq, s, bw, group_size, bits)
+    with pytest.raises(ValueError, match="do not match"):  # one scale too few a row
+        kernels.dequantize(wq, s[:, 1:], b[:, 1:], group_size, bits)
+
+
+@needs_ext
+def test_cpu_policy_keeps_a_quantized_models_scales_as_stored():
+    """A 4-bit model of a float16 checkpoint loaded with dtype="auto" on the CPU keeps float16 scales and biases
+    (fewer bytes a step, less memory), norms float32; its logits are those of the same model with float32 copies
+    of the scales (1 row: qgemv/fused; many: tiled). Training loads (keep_quantized) widen them as before."""
+    from mlx.utils import tree_flatten, tree_unflatten
+
+    from mlx_openelm.bench import core as bench
+    from mlx_openelm.weights import affine_params, dtype_label
+
+    q4 = {"group_size": 64, "bits": 4, "mode": "affine"}
+    assert compute_plan("auto", q4, cpu=True).affine_kept
+    assert not compute_plan("auto", q4, keep_quantized=True, cpu=True).affine_kept
+    assert not compute_plan("auto", q4, cpu=False).affine_kept and not compute_plan("float32", q4, cpu=True).affine_kept
+    ckpt = bench.random_model("tiny", "float16", 4, 0)
+    ours = bench.as_loaded(ckpt, "auto")
+    kept = affine_params(ours)
+    assert kept and {v.dtype for v in kept.values()} == {mx.float16}
+    assert dict(tree_flatten(ours.parameters()))["transformer.norm.weight"].dtype == mx.float32
+    assert dtype_label(ours) == "float32 (float16 scales)"
+    widened = share_weights(ours, Model(ours.args))
+    widened.update(tree_unflatten([(k, v.astype(mx.float32)) for k, v in kept.items()]))
+    assert dtype_label(widened) == "float32"
+    ids = mx.array([[5, 17, 99, 3, 250, 7, 7, 300, 12, 44] * 2])
+    for part in (ids, ids[:, :1]):
+        a, b = ours(part), widened(part)
+        assert a.dtype == mx.float32 and rel_err(a, f64(b)) < 1e-6
+
+
 # ---------------------------------------------------------------- fused products (decode layer in five nodes)
 
 

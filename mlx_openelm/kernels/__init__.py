@@ -10,6 +10,7 @@ dispatch than to compute. ``_ext`` (built from ``csrc/`` by ``pip install -e .``
 - ``gemv`` (float32, bfloat16 or float16 weights) and ``qgemv`` (4/8-bit affine, MLX's packed layout):
   <= 8 rows, each weight streamed once by a small thread pool; one row of a 4-bit layer by exact
   integer dot products where the CPU has AVX-512 VNNI (x as three int8 parts, ``csrc/qgemv_vnni.h``);
+  quantized layers' scales and biases are read as stored (float32, or float16/bfloat16: fewer bytes);
 - ``fused_linear``: the same with an RMSNorm or SwiGLU prologue and a residual add, so a decoder layer
   is five nodes (``model.TransformerBlock._decode``);
 - ``cached_attention``: q/k RMSNorm, RoPE, the KV-cache write and causal GQA attention;
@@ -184,14 +185,16 @@ def gemv(x: mx.array, w: mx.array) -> mx.array:
 
 
 def qgemv(x: mx.array, w: mx.array, scales: mx.array, biases: mx.array, group_size: int, bits: int) -> mx.array:
-    """``x @ dequantize(w, scales, biases).T`` (MLX affine layout, float32 x/scales/biases) with the extension."""
+    """``x @ dequantize(w, scales, biases).T`` (MLX affine layout; float32 x; scales and biases float32, float16 or
+    bfloat16 alike) with the extension."""
     if _lib is None:
         raise RuntimeError(f"the CPU kernels are {_STATUS}")
     return _lib.qgemv(x, w, scales, biases, group_size, bits)
 
 
 def dequantize(w: mx.array, scales: mx.array, biases: mx.array, group_size: int, bits: int) -> mx.array:
-    """``mx.dequantize`` (affine, 4/8-bit, float32 scales/biases) with the extension: float32 ``[N, K]``."""
+    """``mx.dequantize`` (affine, 4/8-bit) with the extension: float32 ``[N, K]`` (from float32, float16 or
+    bfloat16 scales/biases alike: never rounded to them)."""
     if _lib is None:
         raise RuntimeError(f"the CPU kernels are {_STATUS}")
     return _lib.dequantize(w, scales, biases, group_size, bits)
@@ -233,8 +236,10 @@ def _rows(x: mx.array) -> int:
 def _quant_ok(m) -> bool:
     # m["scales"]: parameters by item (nn.Module is a dict); m.scales goes through Module.__getattr__, which
     # costs ~0.4 us a time, and a decoding step asks ~500 times (these checks run every step)
-    return (m.mode == "affine" and m.bits in QUANT_BITS and m.group_size % 32 == 0 and m.get("biases") is not None
-            and m["scales"].dtype == mx.float32 and m["biases"].dtype == mx.float32)
+    if m.mode != "affine" or m.bits not in QUANT_BITS or m.group_size % 32 or m.get("biases") is None:
+        return False
+    dt = m["scales"].dtype
+    return dt in FLOAT_WEIGHTS and m["biases"].dtype == dt  # the kernels widen half scales/biases exactly
 
 
 def product(m: nn.Module, x: mx.array) -> Optional[mx.array]:
@@ -260,15 +265,17 @@ def product(m: nn.Module, x: mx.array) -> Optional[mx.array]:
             if _lib is not None and _quant_ok(m):
                 return _lib.qgemv(x, m.weight, m.scales, m.biases, m.group_size, m.bits)
             return None
-        if m.mode == "affine" and m.scales.dtype == mx.float32:
+        if m.mode == "affine" and m.scales.dtype in FLOAT_WEIGHTS:
             # many rows: float32 weights, then BLAS (mx.quantized_matmul is ~2.5 GFLOP/s here, and
             # mx.dequantize on the CPU ~15 M values/s): a tile of rows at a time, or the whole layer at once
             if _lib is not None and _quant_ok(m) and _lib.has_blas():
                 return _lib.tiled_matmul(x, m.weight, m.scales, m.biases, m.group_size, m.bits, bf16_inputs=_PROMPT_BF16)
             if _lib is not None and _quant_ok(m):
                 w = _lib.dequantize(m.weight, m.scales, m.biases, m.group_size, m.bits)
-            else:
-                w = mx.dequantize(m.weight, m.scales, m.get("biases"), m.group_size, m.bits, mode=m.mode)
+            else:  # float32 scales: a half dequantized weight would round
+                b = m.get("biases")
+                w = mx.dequantize(m.weight, m.scales.astype(mx.float32), None if b is None else b.astype(mx.float32),
+                                  m.group_size, m.bits, mode=m.mode)
             return x @ w.T
     return None
 
@@ -295,7 +302,7 @@ def no_fusion():
 
 def fusable(m: nn.Module) -> bool:
     """Whether ``fused_linear`` takes this layer (on the CPU with the extension): a Linear without bias whose
-    weight gemv reads, or a 4/8-bit affine QuantizedLinear with float32 scales and biases."""
+    weight gemv reads, or a 4/8-bit affine QuantizedLinear (scales and biases float32, float16 or bfloat16)."""
     if _lib is None or "bias" in m:
         return False
     if type(m) is nn.Linear:

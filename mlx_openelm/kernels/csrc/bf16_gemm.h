@@ -75,8 +75,8 @@ struct IntBf16 {
 
 // Panel of rows [n, n + 32) of W (rows past N are zero): P[p, j] as above; grouped also S[g, j], B[g, j].
 // P is written in order, reading the 32 rows side by side (32 sequential streams).
-inline void pack_panel(mx::Dtype wt, const void* w, const float* sc, const float* bi, int bits, int gs, int64_t K,
-                       int64_t N, int64_t n, uint32_t* P, float* S, float* B) {
+inline void pack_panel(mx::Dtype wt, const void* w, const Affine& qa, int bits, int gs, int64_t K, int64_t N,
+                       int64_t n, uint32_t* P, float* S, float* B) {
   static const IntBf16 t;
   const int64_t KP = K / 2, G = bits ? K / gs : 0;
   const int rows = (int)std::max<int64_t>(0, std::min<int64_t>(kPanel, N - n));
@@ -94,11 +94,19 @@ inline void pack_panel(mx::Dtype wt, const void* w, const float* sc, const float
     else
       for (int j = 0; j < rows; ++j) std::memcpy(o + j, q[j] + 4 * p, 4);
   }
-  for (int64_t g = 0; g < G; ++g)
-    for (int j = 0; j < kPanel; ++j) {
-      S[g * kPanel + j] = j < rows ? sc[(n + j) * G + g] : 0.f;
-      B[g * kPanel + j] = j < rows ? bi[(n + j) * G + g] : 0.f;
+  if (!G) return;
+  if (rows < kPanel) {
+    std::memset(S, 0, G * kPanel * sizeof(float));
+    std::memset(B, 0, G * kPanel * sizeof(float));
+  }
+  AffineRows ab(qa);
+  for (int j = 0; j < rows; ++j) {
+    ab.read(n + j);
+    for (int64_t g = 0; g < G; ++g) {
+      S[g * kPanel + j] = ab.scales[g];
+      B[g * kPanel + j] = ab.biases[g];
     }
+  }
 }
 
 inline __m512 dot_pair(__m512 acc, uint32_t a, const uint32_t* p) {
@@ -170,8 +178,7 @@ void bf16_rows(const uint32_t* a, const float* xs, int64_t M, int64_t K, int64_t
 // c[m, j] (row stride ldc) = packed x row m times W row n0 + j, for j in [0, n1 - n0): one panel a chunk
 // on the pool (the packing thread uses its panel at once, from L2).
 inline void bf16_product(const uint32_t* a, const float* xs, int64_t M, int64_t K, mx::Dtype wt, const void* w,
-                         const float* sc, const float* bi, int bits, int gs, int64_t n0, int64_t n1, float* c,
-                         int64_t ldc) {
+                         const Affine& qa, int bits, int gs, int64_t n0, int64_t n1, float* c, int64_t ldc) {
   const int64_t G = bits ? K / gs : 0, gp = bits ? gs / 2 : 0;
   const int64_t panels = (n1 - n0 + kPanel - 1) / kPanel;
   std::function<void(int64_t)> job = [&](int64_t i) {
@@ -180,7 +187,7 @@ inline void bf16_product(const uint32_t* a, const float* xs, int64_t M, int64_t 
     P.resize(K / 2 * kPanel);
     SB.resize(2 * G * kPanel);
     const int64_t n = n0 + i * kPanel;
-    pack_panel(wt, w, sc, bi, bits, gs, K, n1, n, P.data(), SB.data(), SB.data() + G * kPanel);
+    pack_panel(wt, w, qa, bits, gs, K, n1, n, P.data(), SB.data(), SB.data() + G * kPanel);
     const int valid = (int)std::min<int64_t>(kPanel, n1 - n);
     if (bits)
       bf16_rows<true>(a, xs, M, K, G, P.data(), SB.data(), SB.data() + G * kPanel, gp, c + (n - n0), ldc, valid);
@@ -194,7 +201,7 @@ inline void bf16_product(const uint32_t* a, const float* xs, int64_t M, int64_t 
 
 inline bool bf16dot_applies(mx::Dtype, int, int64_t) { return false; }
 inline void pack_x_bf16(const float*, int64_t, int64_t, int, uint32_t*, float*) {}
-inline void bf16_product(const uint32_t*, const float*, int64_t, int64_t, mx::Dtype, const void*, const float*,
-                         const float*, int, int, int64_t, int64_t, float*, int64_t) {}
+inline void bf16_product(const uint32_t*, const float*, int64_t, int64_t, mx::Dtype, const void*, const Affine&, int,
+                         int, int64_t, int64_t, float*, int64_t) {}
 
 #endif  // AVX-512 BF16

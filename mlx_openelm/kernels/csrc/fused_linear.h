@@ -47,14 +47,13 @@ class FusedLinear : public mx::UnaryPrimitive {
     auto& enc = encoder_with_new_output(stream(), inputs, out);
     const int64_t N = w.shape(0), K = bits_ ? w.shape(1) * 32 / bits_ : w.shape(1);
     const int64_t Kin = x.shape(-1), M = x.size() / Kin;
-    const float* sp = bits_ ? inputs[2].data<float>() : nullptr;
-    const float* bp = bits_ ? inputs[3].data<float>() : nullptr;
+    const Affine qa = affine_of(inputs, 2, bits_);
     const void* wp = w.data<void>();
     const mx::Dtype wt = w.dtype();
     enc.dispatch([=, xp = x.data<float>(), op = out.data<float>(), pro = pro_, eps = eps_, bits = bits_, gs = gs_]() {
       std::vector<float> xa(M * K);
       apply_prologue(pro, xp, gp, eps, M, Kin, xa.data());
-      product(xa.data(), M, K, N, wt, wp, sp, bp, bits, gs, rp, op);
+      product(xa.data(), M, K, N, wt, wp, qa, bits, gs, rp, op);
     });
   }
   void eval_gpu(const std::vector<mx::array>&, mx::array&) override {
@@ -92,10 +91,9 @@ mx::array fused_linear(const mx::array& x, const mx::array& w, const std::option
   std::vector<mx::array> in{c(x), c(w)};
   if (bits) {
     if (bits != 4 && bits != 8) throw std::invalid_argument("fused_linear: bits must be 0, 4 or 8");
-    if (!scales || !biases || scales->dtype() != mx::float32 || biases->dtype() != mx::float32 ||
-        w.dtype() != mx::uint32 || group_size % 32 || K % group_size || scales->shape(0) != w.shape(0) ||
-        scales->shape(1) != K / group_size || biases->shape() != scales->shape())
-      throw std::invalid_argument("fused_linear: quantized w needs uint32 w and float32 scales/biases of its groups");
+    if (!scales || !biases || !affine_fits(w, *scales, *biases, K, group_size))
+      throw std::invalid_argument("fused_linear: quantized w needs uint32 w and scales/biases of its groups "
+                                  "(float32, float16 or bfloat16 alike)");
     in.push_back(c(*scales));
     in.push_back(c(*biases));
   } else if (w.dtype() != mx::float32 && w.dtype() != mx::bfloat16 && w.dtype() != mx::float16) {

@@ -277,6 +277,82 @@ inline float to_float(bf16_t x) {
 }
 inline float to_float(_Float16 x) { return (float)x; }
 
+// dst[0, n) = src[i0, i0 + n) as float32: float32, bfloat16 or float16 values (exact).
+template <typename T>
+inline void widen(const T* src, int64_t i0, int64_t n, float* dst) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    v8f v = load8w(src + i0 + i);
+    std::memcpy(dst + i, &v, sizeof(v));
+  }
+  for (; i < n; ++i) dst[i] = to_float(src[i0 + i]);
+}
+
+inline void widen(mx::Dtype dt, const void* src, int64_t i0, int64_t n, float* dst) {
+  if (dt == mx::float32)
+    std::memcpy(dst, static_cast<const float*>(src) + i0, n * sizeof(float));
+  else if (dt == mx::bfloat16)
+    widen(static_cast<const bf16_t*>(src), i0, n, dst);
+  else
+    widen(static_cast<const _Float16*>(src), i0, n, dst);
+}
+
+// A quantized layer's scales and biases, G of each a row (one per group of weights), as the model holds
+// them: float32, or float16/bfloat16 as MLX quantizes a half model and its files store them. Kept half on
+// the CPU they are 36 instead of 40 bytes per 64 weights of a 4-bit layer read each decoding step
+// (llama.cpp's Q4_0 reads 36 too) and half the memory; widening them is exact.
+struct Affine {
+  const void* s = nullptr;
+  const void* b = nullptr;
+  mx::Dtype dt = mx::float32;
+  int64_t G = 0;
+
+  // where row n's scales / biases start (to prefetch)
+  const char* row_s(int64_t n) const { return static_cast<const char*>(s) + n * G * dt.size(); }
+  const char* row_b(int64_t n) const { return static_cast<const char*>(b) + n * G * dt.size(); }
+};
+
+// Row n of an Affine as float32: pointers into its arrays where they are float32, else widened into
+// this reader's own buffer (one per thread and product; valid until the next row is read).
+class AffineRows {
+ public:
+  explicit AffineRows(const Affine& a) : a_(a) {
+    if (a.dt != mx::float32) buf_.resize(2 * a.G);
+  }
+  const float* scales = nullptr;
+  const float* biases = nullptr;
+  void read(int64_t n) {
+    if (a_.dt == mx::float32) {
+      scales = static_cast<const float*>(a_.s) + n * a_.G;
+      biases = static_cast<const float*>(a_.b) + n * a_.G;
+      return;
+    }
+    widen(a_.dt, a_.s, n * a_.G, a_.G, buf_.data());
+    widen(a_.dt, a_.b, n * a_.G, a_.G, buf_.data() + a_.G);
+    scales = buf_.data();
+    biases = buf_.data() + a_.G;
+  }
+
+ private:
+  const Affine& a_;
+  std::vector<float> buf_;
+};
+
+// Whether scales and biases fit a quantized w [N, K * bits / 32] (uint32 words): one value per group of gs
+// weights of each row, both float32, float16 or bfloat16 alike.
+inline bool affine_fits(const mx::array& w, const mx::array& s, const mx::array& b, int64_t K, int gs) {
+  const mx::Dtype dt = s.dtype();
+  return (dt == mx::float32 || dt == mx::float16 || dt == mx::bfloat16) && b.dtype() == dt && w.dtype() == mx::uint32 &&
+         w.ndim() == 2 && gs > 0 && gs % 32 == 0 && K % gs == 0 && s.ndim() == 2 && s.shape(0) == w.shape(0) &&
+         s.shape(1) == K / gs && b.shape() == s.shape();
+}
+
+// The Affine of a primitive's inputs i (scales) and i + 1 (biases); an empty one for float weights.
+inline Affine affine_of(const std::vector<mx::array>& in, size_t i, int bits) {
+  if (!bits) return {};
+  return {in[i].data<void>(), in[i + 1].data<void>(), in[i].dtype(), (int64_t)in[i].shape(-1)};
+}
+
 inline float hsum(v8f v) {
   return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7]));
 }
@@ -502,14 +578,16 @@ void gemv_rows(int M, const float* x, const W* w, float* out, int64_t K, int64_t
 // xp: x rearranged per 32 values (4-bit: the 16 even then the 16 odd ones, matching the low and high
 // nibbles of 16 packed bytes; 8-bit: unchanged). xs[m, g]: sum of x over group g.
 template <int M, int BITS>
-void qgemv_block(const float* xp, const float* xs, const uint8_t* w, const float* scales, const float* biases,
-                 float* out, int64_t K, int64_t ldo, int gs, int64_t n0, int64_t n1) {
+void qgemv_block(const float* xp, const float* xs, const uint8_t* w, const Affine& qa, float* out, int64_t K,
+                 int64_t ldo, int gs, int64_t n0, int64_t n1) {
   const int64_t G = K / gs;
   const int64_t row_bytes = K * BITS / 8;
+  AffineRows rows(qa);
   for (int64_t n = n0; n < n1; ++n) {
     const uint8_t* wr = w + n * row_bytes;
-    const float* sr = scales + n * G;
-    const float* br = biases + n * G;
+    rows.read(n);
+    const float* sr = rows.scales;
+    const float* br = rows.biases;
     v16f tot[M];
     float bsum[M];
     for (int m = 0; m < M; ++m) {
@@ -578,14 +656,16 @@ inline float row_total(__m512 t0, __m512 t1, const float* br, const float* xs, i
 // biases with the per-group sums of x at the end.
 // PER = gs / 32 as a constant (32, 64, 128: the inner loop unrolled; 0: any gs, ~1.5x slower).
 template <int BITS, int PER>
-void qgemv_one(const float* xp, const float* xs, const uint8_t* w, const float* scales, const float* biases,
-               float* out, int64_t K, int gs, int64_t n0, int64_t n1) {
+void qgemv_one(const float* xp, const float* xs, const uint8_t* w, const Affine& qa, float* out, int64_t K, int gs,
+               int64_t n0, int64_t n1) {
   const int64_t G = K / gs, row_bytes = K * BITS / 8, gbytes = gs * BITS / 8;
   const int per = PER ? PER : gs / 32;
+  AffineRows rows(qa);
   for (int64_t n = n0; n < n1; ++n) {
     const uint8_t* wr = w + n * row_bytes;
-    const float* sr = scales + n * G;
-    const float* br = biases + n * G;
+    rows.read(n);
+    const float* sr = rows.scales;
+    const float* br = rows.biases;
     __m512 t0 = _mm512_setzero_ps(), t1 = t0;
     int64_t g = 0;
     for (; g + 2 <= G; g += 2) {  // two groups at once: four independent FMA chains
@@ -611,16 +691,16 @@ void qgemv_one(const float* xp, const float* xs, const uint8_t* w, const float* 
 #endif
 
 template <int BITS>
-void qgemv_rows(int M, const float* xp, const float* xs, const uint8_t* w, const float* scales, const float* biases,
-                float* out, int64_t K, int64_t N, int gs, int64_t n0, int64_t n1) {
+void qgemv_rows(int M, const float* xp, const float* xs, const uint8_t* w, const Affine& qa, float* out, int64_t K,
+                int64_t N, int gs, int64_t n0, int64_t n1) {
   const int64_t G = K / gs;
 #if defined(__AVX512F__)
   if (M == 1) {
     switch (gs) {
-      case 32: return qgemv_one<BITS, 1>(xp, xs, w, scales, biases, out, K, gs, n0, n1);
-      case 64: return qgemv_one<BITS, 2>(xp, xs, w, scales, biases, out, K, gs, n0, n1);
-      case 128: return qgemv_one<BITS, 4>(xp, xs, w, scales, biases, out, K, gs, n0, n1);
-      default: return qgemv_one<BITS, 0>(xp, xs, w, scales, biases, out, K, gs, n0, n1);
+      case 32: return qgemv_one<BITS, 1>(xp, xs, w, qa, out, K, gs, n0, n1);
+      case 64: return qgemv_one<BITS, 2>(xp, xs, w, qa, out, K, gs, n0, n1);
+      case 128: return qgemv_one<BITS, 4>(xp, xs, w, qa, out, K, gs, n0, n1);
+      default: return qgemv_one<BITS, 0>(xp, xs, w, qa, out, K, gs, n0, n1);
     }
   }
 #endif
@@ -630,10 +710,10 @@ void qgemv_rows(int M, const float* xp, const float* xs, const uint8_t* w, const
     const float* sb = xs + m0 * G;
     float* ob = out + m0 * N;
     switch (mb) {
-      case 1: qgemv_block<1, BITS>(xb, sb, w, scales, biases, ob, K, N, gs, n0, n1); break;
-      case 2: qgemv_block<2, BITS>(xb, sb, w, scales, biases, ob, K, N, gs, n0, n1); break;
-      case 3: qgemv_block<3, BITS>(xb, sb, w, scales, biases, ob, K, N, gs, n0, n1); break;
-      default: qgemv_block<4, BITS>(xb, sb, w, scales, biases, ob, K, N, gs, n0, n1); break;
+      case 1: qgemv_block<1, BITS>(xb, sb, w, qa, ob, K, N, gs, n0, n1); break;
+      case 2: qgemv_block<2, BITS>(xb, sb, w, qa, ob, K, N, gs, n0, n1); break;
+      case 3: qgemv_block<3, BITS>(xb, sb, w, qa, ob, K, N, gs, n0, n1); break;
+      default: qgemv_block<4, BITS>(xb, sb, w, qa, ob, K, N, gs, n0, n1); break;
     }
   }
 }
@@ -682,8 +762,8 @@ bool has_vnni() {
 
 // out[M, N] = x @ W^T (+ res) on every core, W float32/bfloat16/float16 (bits 0) or 4/8-bit affine:
 // the one product behind gemv, qgemv and fused_linear.
-inline void product(const float* x, int64_t M, int64_t K, int64_t N, mx::Dtype wt, const void* w, const float* sc,
-                    const float* bi, int bits, int gs, const float* res, float* out) {
+inline void product(const float* x, int64_t M, int64_t K, int64_t N, mx::Dtype wt, const void* w, const Affine& qa,
+                    int bits, int gs, const float* res, float* out) {
   auto add_res = [&](int64_t a, int64_t b) {
     if (res)
       for (int64_t m = 0; m < M; ++m)
@@ -697,7 +777,7 @@ inline void product(const float* x, int64_t M, int64_t K, int64_t N, mx::Dtype w
       group_sums(x, K, gs, xs.data());
       const uint8_t* q = static_cast<const uint8_t*>(w);
       parallel_rows(N, N * K / 2, [&](int64_t a, int64_t b) {
-        qgemv_vnni(qx, xs.data(), q, sc, bi, out, K, gs, a, b);
+        qgemv_vnni(qx, xs.data(), q, qa, out, K, gs, a, b);
         add_res(a, b);
       });
       return;
@@ -708,9 +788,9 @@ inline void product(const float* x, int64_t M, int64_t K, int64_t N, mx::Dtype w
     const uint8_t* q = static_cast<const uint8_t*>(w);
     parallel_rows(N, N * K * bits / 8, [&](int64_t a, int64_t b) {
       if (bits == 4)
-        qgemv_rows<4>((int)M, xr.data(), xs.data(), q, sc, bi, out, K, N, gs, a, b);
+        qgemv_rows<4>((int)M, xr.data(), xs.data(), q, qa, out, K, N, gs, a, b);
       else
-        qgemv_rows<8>((int)M, xr.data(), xs.data(), q, sc, bi, out, K, N, gs, a, b);
+        qgemv_rows<8>((int)M, xr.data(), xs.data(), q, qa, out, K, N, gs, a, b);
       add_res(a, b);
     });
     return;
@@ -763,7 +843,7 @@ class Gemv : public mx::UnaryPrimitive {
     auto& enc = encoder_with_new_output(stream(), inputs, out);
     const int64_t K = w.shape(1), N = w.shape(0), M = x.size() / K;
     enc.dispatch([xp = x.data<float>(), wp = w.data<void>(), wt = w.dtype(), op = out.data<float>(), M, N, K]() {
-      product(xp, M, K, N, wt, wp, nullptr, nullptr, 0, 0, nullptr, op);
+      product(xp, M, K, N, wt, wp, Affine{}, 0, 0, nullptr, op);
     });
   }
   void eval_gpu(const std::vector<mx::array>&, mx::array&) override {
@@ -814,14 +894,10 @@ class QGemv : public mx::UnaryPrimitive {
   void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override {
     const mx::array& x = inputs[0];
     const mx::array& w = inputs[1];
-    const mx::array& sc = inputs[2];
-    const mx::array& bi = inputs[3];
     auto& enc = encoder_with_new_output(stream(), inputs, out);
     const int64_t N = w.shape(0), K = w.shape(1) * 32 / bits_, M = x.size() / K;
-    enc.dispatch([xp = x.data<float>(), wp = w.data<void>(), sp = sc.data<float>(), bp = bi.data<float>(),
-                  op = out.data<float>(), M, N, K, gs = gs_, bits = bits_]() {
-      product(xp, M, K, N, mx::uint32, wp, sp, bp, bits, gs, nullptr, op);
-    });
+    enc.dispatch([xp = x.data<float>(), wp = w.data<void>(), qa = affine_of(inputs, 2, bits_), op = out.data<float>(),
+                  M, N, K, gs = gs_, bits = bits_]() { product(xp, M, K, N, mx::uint32, wp, qa, bits, gs, nullptr, op); });
   }
   void eval_gpu(const std::vector<mx::array>&, mx::array&) override {
     throw std::runtime_error("mlx_openelm.kernels.qgemv runs on the CPU only");
@@ -852,16 +928,18 @@ class QGemv : public mx::UnaryPrimitive {
 // rows [n0, n1) of W [N, K] as float32 into dst [(n1 - n0), K]: W float32/bfloat16/float16 (bits 0) or
 // 4/8-bit affine (MLX's packed layout, one scale and bias per gs values). Serves dequantize, to_float32
 // and the tiled prompt products.
-inline void widen_rows(const mx::Dtype& wt, const void* w, const float* sc, const float* bi, int bits, int gs,
-                       int64_t K, int64_t n0, int64_t n1, float* dst) {
+inline void widen_rows(const mx::Dtype& wt, const void* w, const Affine& qa, int bits, int gs, int64_t K, int64_t n0,
+                       int64_t n1, float* dst) {
   if (bits) {
     const int64_t G = K / gs;
     const uint8_t* q = static_cast<const uint8_t*>(w);
+    AffineRows rows(qa);
     for (int64_t n = n0; n < n1; ++n) {
       const uint8_t* wr = q + n * K * bits / 8;
       float* o = dst + (n - n0) * K;
+      rows.read(n);
       for (int64_t g = 0; g < G; ++g) {
-        const float s = sc[n * G + g], c = bi[n * G + g];
+        const float s = rows.scales[g], c = rows.biases[g];
         const int64_t k0 = g * gs;
         if (bits == 4) {
           for (int j = 0; j < gs / 2; ++j) {
@@ -876,23 +954,7 @@ inline void widen_rows(const mx::Dtype& wt, const void* w, const float* sc, cons
     }
     return;
   }
-  const int64_t i0 = n0 * K, i1 = n1 * K;
-  if (wt == mx::float32) {
-    std::memcpy(dst, static_cast<const float*>(w) + i0, (i1 - i0) * sizeof(float));
-    return;
-  }
-  auto widen_half = [&](auto* h) {
-    int64_t i = i0;
-    for (; i + 8 <= i1; i += 8) {
-      v8f v = load8w(h + i);
-      std::memcpy(dst + (i - i0), &v, sizeof(v));
-    }
-    for (; i < i1; ++i) dst[i - i0] = to_float(h[i]);
-  };
-  if (wt == mx::bfloat16)
-    widen_half(static_cast<const bf16_t*>(w));
-  else
-    widen_half(static_cast<const _Float16*>(w));
+  widen(wt, w, n0 * K, (n1 - n0) * K, dst);
 }
 
 // swiglu: W = [Wg; Wu] is a SwiGLU's fused first projection (2H rows) and the result is
@@ -905,14 +967,12 @@ class Dequant : public mx::UnaryPrimitive {
 
   void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override {
     const mx::array& w = inputs[0];
-    const mx::array& sc = inputs[1];
-    const mx::array& bi = inputs[2];
     auto& enc = encoder_with_new_output(stream(), inputs, out);
     const int64_t N = w.shape(0), K = w.shape(1) * 32 / bits_;
-    enc.dispatch([wp = w.data<void>(), sp = sc.data<float>(), bp = bi.data<float>(), op = out.data<float>(), N, K,
-                  gs = gs_, bits = bits_]() {
+    enc.dispatch([wp = w.data<void>(), qa = affine_of(inputs, 1, bits_), op = out.data<float>(), N, K, gs = gs_,
+                  bits = bits_]() {
       parallel_rows(N, N * K * 4, [&](int64_t a, int64_t b) {
-        widen_rows(mx::uint32, wp, sp, bp, bits, gs, K, a, b, op + a * K);
+        widen_rows(mx::uint32, wp, qa, bits, gs, K, a, b, op + a * K);
       });
     });
   }
@@ -944,7 +1004,7 @@ class ToFloat : public mx::UnaryPrimitive {
     const int64_t K = w.ndim() ? w.shape(-1) : 1, N = w.size() / std::max<int64_t>(K, 1);
     enc.dispatch([wp = w.data<void>(), wt = w.dtype(), op = out.data<float>(), N, K]() {
       parallel_rows(N, N * K * 6, [&](int64_t a, int64_t b) {
-        widen_rows(wt, wp, nullptr, nullptr, 0, 0, K, a, b, op + a * K);
+        widen_rows(wt, wp, Affine{}, 0, 0, K, a, b, op + a * K);
       });
     });
   }
@@ -985,14 +1045,13 @@ mx::array qgemv(const mx::array& x, const mx::array& w, const mx::array& scales,
   auto st = cpu_stream(s);
   if (bits != 4 && bits != 8) throw std::invalid_argument("qgemv: bits must be 4 or 8");
   if (group_size % 32 != 0 || group_size <= 0) throw std::invalid_argument("qgemv: group_size must be a multiple of 32");
-  if (x.dtype() != mx::float32 || scales.dtype() != mx::float32 || biases.dtype() != mx::float32 ||
-      w.dtype() != mx::uint32)
-    throw std::invalid_argument("qgemv: x, scales and biases must be float32 and w uint32");
+  if (x.dtype() != mx::float32 || w.dtype() != mx::uint32)
+    throw std::invalid_argument("qgemv: x must be float32 and w uint32");
   if (w.ndim() != 2 || x.ndim() < 1) throw std::invalid_argument("qgemv: w must be 2-D and x at least 1-D");
   int64_t K = (int64_t)w.shape(1) * 32 / bits;
-  if (x.shape(-1) != K || K % group_size != 0 || scales.ndim() != 2 || scales.shape(0) != w.shape(0) ||
-      scales.shape(1) != K / group_size || biases.shape() != scales.shape())
-    throw std::invalid_argument("qgemv: shapes of x, w, scales and biases do not match");
+  if (x.shape(-1) != K || !affine_fits(w, scales, biases, K, group_size))
+    throw std::invalid_argument("qgemv: x, w, scales and biases do not match (scales and biases: float32, float16 or "
+                                "bfloat16 alike, one per group)");
   auto c = [&](const mx::array& a) { return mx::contiguous(a, false, st); };
   return mx::array(out_shape(x, w.shape(0)), mx::float32, std::make_shared<QGemv>(st, group_size, bits),
                    {c(x), c(w), c(scales), c(biases)});
@@ -1003,12 +1062,10 @@ mx::array dequantize(const mx::array& w, const mx::array& scales, const mx::arra
   auto st = cpu_stream(s);
   if (bits != 4 && bits != 8) throw std::invalid_argument("dequantize: bits must be 4 or 8");
   if (group_size % 32 != 0 || group_size <= 0) throw std::invalid_argument("dequantize: group_size must be a multiple of 32");
-  if (scales.dtype() != mx::float32 || biases.dtype() != mx::float32 || w.dtype() != mx::uint32)
-    throw std::invalid_argument("dequantize: scales and biases must be float32 and w uint32");
-  int64_t K = (int64_t)w.shape(1) * 32 / bits;
-  if (w.ndim() != 2 || K % group_size != 0 || scales.ndim() != 2 || scales.shape(0) != w.shape(0) ||
-      scales.shape(1) != K / group_size || biases.shape() != scales.shape())
-    throw std::invalid_argument("dequantize: shapes of w, scales and biases do not match");
+  const int64_t K = w.ndim() == 2 ? (int64_t)w.shape(1) * 32 / bits : 0;
+  if (!affine_fits(w, scales, biases, K, group_size))
+    throw std::invalid_argument("dequantize: w (uint32 [N, K * bits / 32]), scales and biases (float32, float16 or "
+                                "bfloat16 alike, one per group) do not match");
   auto c = [&](const mx::array& a) { return mx::contiguous(a, false, st); };
   return mx::array({w.shape(0), (int)K}, mx::float32, std::make_shared<Dequant>(st, group_size, bits),
                    {c(w), c(scales), c(biases)});

@@ -97,8 +97,8 @@ inline bool prepare_vnni(const float* x, int64_t K, int gs, VnniX& out) {
 }
 
 // out[n] = x . dequantize(w[n]) for n in [n0, n1); xs[g] = sum of x over group g (the biases' part).
-void qgemv_vnni(const VnniX& qx, const float* xs, const uint8_t* w, const float* scales, const float* biases,
-                float* out, int64_t K, int gs, int64_t n0, int64_t n1) {
+void qgemv_vnni(const VnniX& qx, const float* xs, const uint8_t* w, const Affine& qa, float* out, int64_t K, int gs,
+                int64_t n0, int64_t n1) {
   const int64_t G = K / gs, nc = K / kChunk, row_bytes = K / 2;
   const int ng = (int)std::max<int64_t>(1, kChunk / gs);  // groups a chunk spans: 4, 2, 1
   const __mmask16 gmask = (__mmask16)((1u << ng) - 1);
@@ -109,12 +109,14 @@ void qgemv_vnni(const VnniX& qx, const float* xs, const uint8_t* w, const float*
   const __m512i nib = _mm512_set1_epi8(15);
   const int8_t* xp = qx.parts.data();
   const float* ls = qx.lane_scale.data();
+  AffineRows rows(qa);
   for (int64_t n = n0; n < n1; ++n) {
     const uint8_t* wr = w + n * row_bytes;
-    const float* sr = scales + n * G;
-    const float* br = biases + n * G;
-    _mm_prefetch(reinterpret_cast<const char*>(sr + G), _MM_HINT_T0);  // the next row's scales and biases
-    _mm_prefetch(reinterpret_cast<const char*>(br + G), _MM_HINT_T0);
+    rows.read(n);
+    const float* sr = rows.scales;
+    const float* br = rows.biases;
+    _mm_prefetch(qa.row_s(n + 1), _MM_HINT_T0);  // the next row's scales and biases
+    _mm_prefetch(qa.row_b(n + 1), _MM_HINT_T0);
     __m512 t0 = _mm512_setzero_ps(), t1 = t0;
     for (int64_t c = 0; c < nc; ++c) {
       prefetch(wr + 64 * c);

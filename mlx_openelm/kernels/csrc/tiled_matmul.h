@@ -62,8 +62,7 @@ class TiledMatmul : public mx::UnaryPrimitive {
     const mx::array& w = inputs[1];
     auto& enc = encoder_with_new_output(stream(), inputs, out);
     const int64_t N = w.shape(0), K = bits_ ? w.shape(1) * 32 / bits_ : w.shape(1), M = x.size() / K;
-    const float* sp = bits_ ? inputs[2].data<float>() : nullptr;
-    const float* bp = bits_ ? inputs[3].data<float>() : nullptr;
+    const Affine qa = affine_of(inputs, 2, bits_);
     enc.dispatch([=, xp = x.data<float>(), wp = w.data<void>(), wt = w.dtype(), op = out.data<float>(), bits = bits_,
                   gs = gs_, swiglu = swiglu_, bf16 = bf16_, use_dot = dot_]() {
       if (M == 0) return;
@@ -89,11 +88,11 @@ class TiledMatmul : public mx::UnaryPrimitive {
       // dst[m, j] (row stride ldc) = x row m times W row n0 + j, j in [0, n1 - n0)
       auto rows = [&](int64_t n0, int64_t n1, float* dst, int64_t ldc) {
         if (dot) {
-          bf16_product(reinterpret_cast<const uint32_t*>(a->data()), bits ? xs->data() : nullptr, M, K, wt, wp, sp,
-                       bp, bits, gs, n0, n1, dst, ldc);
+          bf16_product(reinterpret_cast<const uint32_t*>(a->data()), bits ? xs->data() : nullptr, M, K, wt, wp, qa,
+                       bits, gs, n0, n1, dst, ldc);
           return;
         }
-        widen_rows(wt, wp, sp, bp, bits, gs, K, n0, n1, buf->data());
+        widen_rows(wt, wp, qa, bits, gs, K, n0, n1, buf->data());
         blas_sgemm()(kRowMajor, kNoTrans, kTrans, (int)M, (int)(n1 - n0), (int)K, 1.0f, xf, (int)K, buf->data(),
                      (int)K, 0.0f, dst, (int)ldc);
       };
@@ -111,8 +110,8 @@ class TiledMatmul : public mx::UnaryPrimitive {
           rows(h0, h1, tmp.data(), 2 * t);
           rows(H + h0, H + h1, tmp.data() + t, 2 * t);
         } else {  // gate and up rows widened side by side: one sgemm (each call packs x again)
-          widen_rows(wt, wp, sp, bp, bits, gs, K, h0, h1, buf->data());
-          widen_rows(wt, wp, sp, bp, bits, gs, K, H + h0, H + h1, buf->data() + t * K);
+          widen_rows(wt, wp, qa, bits, gs, K, h0, h1, buf->data());
+          widen_rows(wt, wp, qa, bits, gs, K, H + h0, H + h1, buf->data() + t * K);
           blas_sgemm()(kRowMajor, kNoTrans, kTrans, (int)M, (int)(2 * t), (int)K, 1.0f, xf, (int)K, buf->data(),
                        (int)K, 0.0f, tmp.data(), (int)(2 * t));
         }
@@ -172,9 +171,9 @@ mx::array tiled(const mx::array& x, const mx::array& w, const std::optional<mx::
   auto c = [&](const mx::array& a) { return mx::contiguous(a, false, st); };
   std::vector<mx::array> in{c(x), c(w)};
   if (bits) {
-    if ((bits != 4 && bits != 8) || !scales || !biases || scales->dtype() != mx::float32 ||
-        biases->dtype() != mx::float32 || w.dtype() != mx::uint32 || group_size % 32 || K % group_size)
-      throw std::invalid_argument("tiled products: 4/8-bit w needs uint32 w and float32 scales/biases");
+    if ((bits != 4 && bits != 8) || !scales || !biases || !affine_fits(w, *scales, *biases, K, group_size))
+      throw std::invalid_argument("tiled products: 4/8-bit w needs uint32 w and scales/biases of its groups "
+                                  "(float32, float16 or bfloat16 alike)");
     in.push_back(c(*scales));
     in.push_back(c(*biases));
   } else if (w.dtype() != mx::bfloat16 && w.dtype() != mx::float16 && !(swiglu && w.dtype() == mx::float32)) {
