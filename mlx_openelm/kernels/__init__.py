@@ -272,7 +272,7 @@ def product(m: nn.Module, x: mx.array) -> Optional[mx.array]:
                 return _lib.tiled_matmul(x, m.weight, m.scales, m.biases, m.group_size, m.bits, bf16_inputs=_PROMPT_BF16)
             if _lib is not None and _quant_ok(m):
                 w = _lib.dequantize(m.weight, m.scales, m.biases, m.group_size, m.bits)
-            else:  # float32 scales: a half dequantized weight would round
+            else:  # in float32: dequantizing with half scales would round the weights
                 b = m.get("biases")
                 w = mx.dequantize(m.weight, m.scales.astype(mx.float32), None if b is None else b.astype(mx.float32),
                                   m.group_size, m.bits, mode=m.mode)

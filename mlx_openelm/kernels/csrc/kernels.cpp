@@ -1,9 +1,10 @@
 // mlx-openelm CPU fast path: decode-shaped (few-row) matrix products as MLX primitives.
 //
 //   gemv(x, w)                        x[..., K] @ w[N, K]^T                  (float32)
-//   qgemv(x, w, scales, biases, g, b) x[..., K] @ dequantize(w)^T            (float32 x, scales, biases;
-//                                     MLX's affine layout: b in {4, 8} bits packed little-end first
-//                                     into uint32 words along K, one scale and bias per g values)
+//   qgemv(x, w, scales, biases, g, b) x[..., K] @ dequantize(w)^T            (float32 x; scales and biases
+//                                     float32, float16 or bfloat16, read as stored; MLX's affine layout:
+//                                     b in {4, 8} bits packed little-end first into uint32 words along K,
+//                                     one scale and bias per g values)
 //
 // Each weight row is read once per 8 rows of x, streamed by a small persistent thread pool; the
 // caller (MLX's CPU stream thread) does the first share itself. Arithmetic is plain float32
@@ -306,10 +307,6 @@ struct Affine {
   const void* b = nullptr;
   mx::Dtype dt = mx::float32;
   int64_t G = 0;
-
-  // where row n's scales / biases start (to prefetch)
-  const char* row_s(int64_t n) const { return static_cast<const char*>(s) + n * G * dt.size(); }
-  const char* row_b(int64_t n) const { return static_cast<const char*>(b) + n * G * dt.size(); }
 };
 
 // Row n of an Affine as float32: pointers into its arrays where they are float32, else widened into
@@ -345,6 +342,17 @@ inline bool affine_fits(const mx::array& w, const mx::array& s, const mx::array&
   return (dt == mx::float32 || dt == mx::float16 || dt == mx::bfloat16) && b.dtype() == dt && w.dtype() == mx::uint32 &&
          w.ndim() == 2 && gs > 0 && gs % 32 == 0 && K % gs == 0 && s.ndim() == 2 && s.shape(0) == w.shape(0) &&
          s.shape(1) == K / gs && b.shape() == s.shape();
+}
+
+// f(scales, biases) with the arrays as pointers of their dtype (the decode kernels read them as stored).
+template <typename F>
+inline void with_affine(const Affine& a, F&& f) {
+  if (a.dt == mx::float16)
+    f(static_cast<const _Float16*>(a.s), static_cast<const _Float16*>(a.b));
+  else if (a.dt == mx::bfloat16)
+    f(static_cast<const bf16_t*>(a.s), static_cast<const bf16_t*>(a.b));
+  else
+    f(static_cast<const float*>(a.s), static_cast<const float*>(a.b));
 }
 
 // The Affine of a primitive's inputs i (scales) and i + 1 (biases); an empty one for float weights.
@@ -642,11 +650,20 @@ inline __m512 q32_dot(const uint8_t* w, const float* x, __m512 acc0, __m512& acc
 
 // A quantized row's result: its two scaled-sum accumulators plus the biases' part, one dot product of the
 // row's G biases with the per-group sums of x.
-inline float row_total(__m512 t0, __m512 t1, const float* br, const float* xs, int64_t G) {
+// The first popcount(m) (m = 2^j - 1) of 16 scales or biases at p as float32, the rest 0: the decode kernels
+// read them in their stored dtype (a widened copy a row cost ~11% of a 4-bit product's speed).
+inline __m512 load_groups(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
+inline __m512 load_groups(const _Float16* p, __mmask16 m) { return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, p)); }
+inline __m512 load_groups(const bf16_t* p, __mmask16 m) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p)), 16));
+}
+
+template <typename T>
+inline float row_total(__m512 t0, __m512 t1, const T* br, const float* xs, int64_t G) {
   __m512 bsum = _mm512_setzero_ps();
   for (int64_t h = 0; h < G; h += 16) {
     const __mmask16 mk = G - h >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (G - h)) - 1);
-    bsum = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mk, br + h), _mm512_maskz_loadu_ps(mk, xs + h), bsum);
+    bsum = _mm512_fmadd_ps(load_groups(br + h, mk), _mm512_maskz_loadu_ps(mk, xs + h), bsum);
   }
   return _mm512_reduce_add_ps(_mm512_add_ps(t0, t1)) + _mm512_reduce_add_ps(bsum);
 }
@@ -655,17 +672,15 @@ inline float row_total(__m512 t0, __m512 t1, const float* br, const float* xs, i
 // independent chains), scaled into the row total; the biases' part is one dot product of the row's
 // biases with the per-group sums of x at the end.
 // PER = gs / 32 as a constant (32, 64, 128: the inner loop unrolled; 0: any gs, ~1.5x slower).
-template <int BITS, int PER>
-void qgemv_one(const float* xp, const float* xs, const uint8_t* w, const Affine& qa, float* out, int64_t K, int gs,
-               int64_t n0, int64_t n1) {
+template <int BITS, int PER, typename T>
+void qgemv_one(const float* xp, const float* xs, const uint8_t* w, const T* scales, const T* biases, float* out,
+               int64_t K, int gs, int64_t n0, int64_t n1) {
   const int64_t G = K / gs, row_bytes = K * BITS / 8, gbytes = gs * BITS / 8;
   const int per = PER ? PER : gs / 32;
-  AffineRows rows(qa);
   for (int64_t n = n0; n < n1; ++n) {
     const uint8_t* wr = w + n * row_bytes;
-    rows.read(n);
-    const float* sr = rows.scales;
-    const float* br = rows.biases;
+    const T* sr = scales + n * G;
+    const T* br = biases + n * G;
     __m512 t0 = _mm512_setzero_ps(), t1 = t0;
     int64_t g = 0;
     for (; g + 2 <= G; g += 2) {  // two groups at once: four independent FMA chains
@@ -677,13 +692,13 @@ void qgemv_one(const float* xp, const float* xs, const uint8_t* w, const Affine&
         a0 = q32_dot<BITS>(wa + j * 32 * BITS / 8, xa + 32 * j, a0, a1);
         c0 = q32_dot<BITS>(wa + gbytes + j * 32 * BITS / 8, xa + gs + 32 * j, c0, c1);
       }
-      t0 = _mm512_fmadd_ps(_mm512_add_ps(a0, a1), _mm512_set1_ps(sr[g]), t0);
-      t1 = _mm512_fmadd_ps(_mm512_add_ps(c0, c1), _mm512_set1_ps(sr[g + 1]), t1);
+      t0 = _mm512_fmadd_ps(_mm512_add_ps(a0, a1), _mm512_set1_ps(to_float(sr[g])), t0);
+      t1 = _mm512_fmadd_ps(_mm512_add_ps(c0, c1), _mm512_set1_ps(to_float(sr[g + 1])), t1);
     }
     for (; g < G; ++g) {
       __m512 a0 = _mm512_setzero_ps(), a1 = a0;
       for (int j = 0; j < per; ++j) a0 = q32_dot<BITS>(wr + g * gbytes + j * 32 * BITS / 8, xp + g * gs + 32 * j, a0, a1);
-      t0 = _mm512_fmadd_ps(_mm512_add_ps(a0, a1), _mm512_set1_ps(sr[g]), t0);
+      t0 = _mm512_fmadd_ps(_mm512_add_ps(a0, a1), _mm512_set1_ps(to_float(sr[g])), t0);
     }
     out[n] = row_total(t0, t1, br, xs, G);
   }
@@ -696,12 +711,14 @@ void qgemv_rows(int M, const float* xp, const float* xs, const uint8_t* w, const
   const int64_t G = K / gs;
 #if defined(__AVX512F__)
   if (M == 1) {
-    switch (gs) {
-      case 32: return qgemv_one<BITS, 1>(xp, xs, w, qa, out, K, gs, n0, n1);
-      case 64: return qgemv_one<BITS, 2>(xp, xs, w, qa, out, K, gs, n0, n1);
-      case 128: return qgemv_one<BITS, 4>(xp, xs, w, qa, out, K, gs, n0, n1);
-      default: return qgemv_one<BITS, 0>(xp, xs, w, qa, out, K, gs, n0, n1);
-    }
+    return with_affine(qa, [&](const auto* s, const auto* b) {
+      switch (gs) {
+        case 32: return qgemv_one<BITS, 1>(xp, xs, w, s, b, out, K, gs, n0, n1);
+        case 64: return qgemv_one<BITS, 2>(xp, xs, w, s, b, out, K, gs, n0, n1);
+        case 128: return qgemv_one<BITS, 4>(xp, xs, w, s, b, out, K, gs, n0, n1);
+        default: return qgemv_one<BITS, 0>(xp, xs, w, s, b, out, K, gs, n0, n1);
+      }
+    });
   }
 #endif
   for (int m0 = 0; m0 < M; m0 += 4) {
@@ -777,7 +794,7 @@ inline void product(const float* x, int64_t M, int64_t K, int64_t N, mx::Dtype w
       group_sums(x, K, gs, xs.data());
       const uint8_t* q = static_cast<const uint8_t*>(w);
       parallel_rows(N, N * K / 2, [&](int64_t a, int64_t b) {
-        qgemv_vnni(qx, xs.data(), q, qa, out, K, gs, a, b);
+        with_affine(qa, [&](const auto* s, const auto* bi) { qgemv_vnni(qx, xs.data(), q, s, bi, out, K, gs, a, b); });
         add_res(a, b);
       });
       return;

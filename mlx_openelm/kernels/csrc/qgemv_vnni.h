@@ -97,8 +97,9 @@ inline bool prepare_vnni(const float* x, int64_t K, int gs, VnniX& out) {
 }
 
 // out[n] = x . dequantize(w[n]) for n in [n0, n1); xs[g] = sum of x over group g (the biases' part).
-void qgemv_vnni(const VnniX& qx, const float* xs, const uint8_t* w, const Affine& qa, float* out, int64_t K, int gs,
-                int64_t n0, int64_t n1) {
+template <typename T>  // the scales' and biases' dtype: float, _Float16 or bf16_t
+void qgemv_vnni(const VnniX& qx, const float* xs, const uint8_t* w, const T* scales, const T* biases, float* out,
+                int64_t K, int gs, int64_t n0, int64_t n1) {
   const int64_t G = K / gs, nc = K / kChunk, row_bytes = K / 2;
   const int ng = (int)std::max<int64_t>(1, kChunk / gs);  // groups a chunk spans: 4, 2, 1
   const __mmask16 gmask = (__mmask16)((1u << ng) - 1);
@@ -109,20 +110,18 @@ void qgemv_vnni(const VnniX& qx, const float* xs, const uint8_t* w, const Affine
   const __m512i nib = _mm512_set1_epi8(15);
   const int8_t* xp = qx.parts.data();
   const float* ls = qx.lane_scale.data();
-  AffineRows rows(qa);
   for (int64_t n = n0; n < n1; ++n) {
     const uint8_t* wr = w + n * row_bytes;
-    rows.read(n);
-    const float* sr = rows.scales;
-    const float* br = rows.biases;
-    _mm_prefetch(qa.row_s(n + 1), _MM_HINT_T0);  // the next row's scales and biases
-    _mm_prefetch(qa.row_b(n + 1), _MM_HINT_T0);
+    const T* sr = scales + n * G;
+    const T* br = biases + n * G;
+    _mm_prefetch(reinterpret_cast<const char*>(sr + G), _MM_HINT_T0);  // the next row's scales and biases
+    _mm_prefetch(reinterpret_cast<const char*>(br + G), _MM_HINT_T0);
     __m512 t0 = _mm512_setzero_ps(), t1 = t0;
     for (int64_t c = 0; c < nc; ++c) {
       prefetch(wr + 64 * c);
       const __m512i v = _mm512_loadu_si512(wr + 64 * c);
       // the scale of each lane's group times x's: sw * sx / 65536
-      const __m512 s = _mm512_mul_ps(_mm512_permutexvar_ps(idx, _mm512_maskz_loadu_ps(gmask, sr + (c << shift))),
+      const __m512 s = _mm512_mul_ps(_mm512_permutexvar_ps(idx, load_groups(sr + (c << shift), gmask)),
                                      _mm512_loadu_ps(ls + 16 * c));
       const int8_t* p = xp + c * 384;
       const __m512i lo = _mm512_and_si512(v, nib), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), nib);
