@@ -95,18 +95,13 @@ inline void pack_panel(mx::Dtype wt, const void* w, const Affine& qa, int bits, 
       for (int j = 0; j < rows; ++j) std::memcpy(o + j, q[j] + 4 * p, 4);
   }
   if (!G) return;
-  if (rows < kPanel) {
-    std::memset(S, 0, G * kPanel * sizeof(float));
-    std::memset(B, 0, G * kPanel * sizeof(float));
-  }
-  AffineRows ab(qa);
-  for (int j = 0; j < rows; ++j) {
-    ab.read(n + j);
-    for (int64_t g = 0; g < G; ++g) {
-      S[g * kPanel + j] = ab.scales[g];
-      B[g * kPanel + j] = ab.biases[g];
-    }
-  }
+  with_affine(qa, [&](const auto* sc, const auto* bi) {
+    for (int64_t g = 0; g < G; ++g)
+      for (int j = 0; j < kPanel; ++j) {
+        S[g * kPanel + j] = j < rows ? to_float(sc[(n + j) * G + g]) : 0.f;
+        B[g * kPanel + j] = j < rows ? to_float(bi[(n + j) * G + g]) : 0.f;
+      }
+  });
 }
 
 inline __m512 dot_pair(__m512 acc, uint32_t a, const uint32_t* p) {

@@ -298,41 +298,15 @@ inline void widen(mx::Dtype dt, const void* src, int64_t i0, int64_t n, float* d
     widen(static_cast<const _Float16*>(src), i0, n, dst);
 }
 
-// A quantized layer's scales and biases, G of each a row (one per group of weights), as the model holds
-// them: float32, or float16/bfloat16 as MLX quantizes a half model and its files store them. Kept half on
-// the CPU they are 36 instead of 40 bytes per 64 weights of a 4-bit layer read each decoding step
-// (llama.cpp's Q4_0 reads 36 too) and half the memory; widening them is exact.
+// A quantized layer's scales and biases (one of each per group of weights) as the model holds them: float32,
+// or float16/bfloat16 as MLX quantizes a half model and its files store them. Kept half on the CPU they are
+// 36 instead of 40 bytes per 64 weights of a 4-bit layer read each decoding step (llama.cpp's Q4_0 reads 36
+// too) and half the memory. Every kernel reads them in their dtype (with_affine) and widens each value as
+// it uses it (to_float / load_groups: exact).
 struct Affine {
   const void* s = nullptr;
   const void* b = nullptr;
   mx::Dtype dt = mx::float32;
-  int64_t G = 0;
-};
-
-// Row n of an Affine as float32: pointers into its arrays where they are float32, else widened into
-// this reader's own buffer (one per thread and product; valid until the next row is read).
-class AffineRows {
- public:
-  explicit AffineRows(const Affine& a) : a_(a) {
-    if (a.dt != mx::float32) buf_.resize(2 * a.G);
-  }
-  const float* scales = nullptr;
-  const float* biases = nullptr;
-  void read(int64_t n) {
-    if (a_.dt == mx::float32) {
-      scales = static_cast<const float*>(a_.s) + n * a_.G;
-      biases = static_cast<const float*>(a_.b) + n * a_.G;
-      return;
-    }
-    widen(a_.dt, a_.s, n * a_.G, a_.G, buf_.data());
-    widen(a_.dt, a_.b, n * a_.G, a_.G, buf_.data() + a_.G);
-    scales = buf_.data();
-    biases = buf_.data() + a_.G;
-  }
-
- private:
-  const Affine& a_;
-  std::vector<float> buf_;
 };
 
 // Whether scales and biases fit a quantized w [N, K * bits / 32] (uint32 words): one value per group of gs
@@ -344,7 +318,7 @@ inline bool affine_fits(const mx::array& w, const mx::array& s, const mx::array&
          s.shape(1) == K / gs && b.shape() == s.shape();
 }
 
-// f(scales, biases) with the arrays as pointers of their dtype (the decode kernels read them as stored).
+// f(scales, biases) with the arrays as pointers of their dtype (float, _Float16 or bf16_t).
 template <typename F>
 inline void with_affine(const Affine& a, F&& f) {
   if (a.dt == mx::float16)
@@ -358,7 +332,7 @@ inline void with_affine(const Affine& a, F&& f) {
 // The Affine of a primitive's inputs i (scales) and i + 1 (biases); an empty one for float weights.
 inline Affine affine_of(const std::vector<mx::array>& in, size_t i, int bits) {
   if (!bits) return {};
-  return {in[i].data<void>(), in[i + 1].data<void>(), in[i].dtype(), (int64_t)in[i].shape(-1)};
+  return {in[i].data<void>(), in[i + 1].data<void>(), in[i].dtype()};
 }
 
 inline float hsum(v8f v) {
@@ -585,17 +559,15 @@ void gemv_rows(int M, const float* x, const W* w, float* out, int64_t K, int64_t
 
 // xp: x rearranged per 32 values (4-bit: the 16 even then the 16 odd ones, matching the low and high
 // nibbles of 16 packed bytes; 8-bit: unchanged). xs[m, g]: sum of x over group g.
-template <int M, int BITS>
-void qgemv_block(const float* xp, const float* xs, const uint8_t* w, const Affine& qa, float* out, int64_t K,
-                 int64_t ldo, int gs, int64_t n0, int64_t n1) {
+template <int M, int BITS, typename T>
+void qgemv_block(const float* xp, const float* xs, const uint8_t* w, const T* scales, const T* biases, float* out,
+                 int64_t K, int64_t ldo, int gs, int64_t n0, int64_t n1) {
   const int64_t G = K / gs;
   const int64_t row_bytes = K * BITS / 8;
-  AffineRows rows(qa);
   for (int64_t n = n0; n < n1; ++n) {
     const uint8_t* wr = w + n * row_bytes;
-    rows.read(n);
-    const float* sr = rows.scales;
-    const float* br = rows.biases;
+    const T* sr = scales + n * G;
+    const T* br = biases + n * G;
     v16f tot[M];
     float bsum[M];
     for (int m = 0; m < M; ++m) {
@@ -620,7 +592,7 @@ void qgemv_block(const float* xp, const float* xs, const uint8_t* w, const Affin
           acc[m] += q0 * load16(xm) + q1 * load16(xm + 16);
         }
       }
-      const float s = sr[g], bi = br[g];
+      const float s = to_float(sr[g]), bi = to_float(br[g]);
       for (int m = 0; m < M; ++m) {
         tot[m] += acc[m] * s;
         bsum[m] += bi * xs[m * G + g];
@@ -726,12 +698,14 @@ void qgemv_rows(int M, const float* xp, const float* xs, const uint8_t* w, const
     const float* xb = xp + m0 * K;
     const float* sb = xs + m0 * G;
     float* ob = out + m0 * N;
-    switch (mb) {
-      case 1: qgemv_block<1, BITS>(xb, sb, w, qa, ob, K, N, gs, n0, n1); break;
-      case 2: qgemv_block<2, BITS>(xb, sb, w, qa, ob, K, N, gs, n0, n1); break;
-      case 3: qgemv_block<3, BITS>(xb, sb, w, qa, ob, K, N, gs, n0, n1); break;
-      default: qgemv_block<4, BITS>(xb, sb, w, qa, ob, K, N, gs, n0, n1); break;
-    }
+    with_affine(qa, [&](const auto* s, const auto* b) {
+      switch (mb) {
+        case 1: qgemv_block<1, BITS>(xb, sb, w, s, b, ob, K, N, gs, n0, n1); break;
+        case 2: qgemv_block<2, BITS>(xb, sb, w, s, b, ob, K, N, gs, n0, n1); break;
+        case 3: qgemv_block<3, BITS>(xb, sb, w, s, b, ob, K, N, gs, n0, n1); break;
+        default: qgemv_block<4, BITS>(xb, sb, w, s, b, ob, K, N, gs, n0, n1); break;
+      }
+    });
   }
 }
 
@@ -950,25 +924,25 @@ inline void widen_rows(const mx::Dtype& wt, const void* w, const Affine& qa, int
   if (bits) {
     const int64_t G = K / gs;
     const uint8_t* q = static_cast<const uint8_t*>(w);
-    AffineRows rows(qa);
-    for (int64_t n = n0; n < n1; ++n) {
-      const uint8_t* wr = q + n * K * bits / 8;
-      float* o = dst + (n - n0) * K;
-      rows.read(n);
-      for (int64_t g = 0; g < G; ++g) {
-        const float s = rows.scales[g], c = rows.biases[g];
-        const int64_t k0 = g * gs;
-        if (bits == 4) {
-          for (int j = 0; j < gs / 2; ++j) {
-            const uint8_t v = wr[k0 / 2 + j];
-            o[k0 + 2 * j] = s * (float)(v & 15) + c;
-            o[k0 + 2 * j + 1] = s * (float)(v >> 4) + c;
+    with_affine(qa, [&](const auto* sc, const auto* bi) {
+      for (int64_t n = n0; n < n1; ++n) {
+        const uint8_t* wr = q + n * K * bits / 8;
+        float* o = dst + (n - n0) * K;
+        for (int64_t g = 0; g < G; ++g) {
+          const float s = to_float(sc[n * G + g]), c = to_float(bi[n * G + g]);
+          const int64_t k0 = g * gs;
+          if (bits == 4) {
+            for (int j = 0; j < gs / 2; ++j) {
+              const uint8_t v = wr[k0 / 2 + j];
+              o[k0 + 2 * j] = s * (float)(v & 15) + c;
+              o[k0 + 2 * j + 1] = s * (float)(v >> 4) + c;
+            }
+          } else {
+            for (int j = 0; j < gs; ++j) o[k0 + j] = s * (float)wr[k0 + j] + c;
           }
-        } else {
-          for (int j = 0; j < gs; ++j) o[k0 + j] = s * (float)wr[k0 + j] + c;
         }
       }
-    }
+    });
     return;
   }
   widen(wt, w, n0 * K, (n1 - n0) * K, dst);
