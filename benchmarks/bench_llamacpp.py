@@ -3,7 +3,8 @@ checkpoint, same run, against the measured memory-bandwidth roofline.
 
 Random weights at the real shapes (``--shape``, default 270M), a 512-token prompt and 128 greedy
 tokens by default. Rows, at equal weight bytes, each of ours being the stored checkpoint as
-mlx-openelm loads it on this CPU (``dtype="auto"``):
+mlx-openelm loads it on this CPU (``dtype="auto"``) and run as the inference commands run it (their default
+``--prompt-precision bfloat16``, which affects bfloat16 and 4/8-bit layers only):
 
 - ``f32``: ours float32 with ``mlx_openelm.kernels`` and with plain MLX (the "before"), vs llama.cpp F32;
 - ``f16`` / ``bf16``: ours with float16 / bfloat16 matrices kept (float32 compute), vs llama.cpp F16 / BF16;
@@ -11,9 +12,10 @@ mlx-openelm loads it on this CPU (``dtype="auto"``):
   memory: 1.0625 bytes a weight, as Q8_0) vs llama.cpp Q8_0;
 - ``q4``: ours 4-bit (group 64, likewise: 0.5625 bytes a weight, as Q4_0) vs llama.cpp Q4_0 (whose file keeps
   the tied embedding, also the output layer, in Q6_K: ~7% more bytes a step than ours at the 270M shape);
-- ``bf16`` / ``q8`` / ``q4`` again with ``--prompt-precision bfloat16`` (``bf16p`` in ``--rows``): the
-  prompt's activations rounded to bfloat16 before each product, as llama.cpp's BF16 rows do (its Q8_0 /
-  Q4_0 rows round them to 8-bit blocks); decoding is the same as in the plain rows.
+- the prompts of ``bf16`` / ``q8`` / ``q4`` take activations rounded to bfloat16 before each product, as
+  llama.cpp's BF16 rows do (its Q8_0 / Q4_0 rows round them to 8-bit blocks); the same three again with
+  ``--prompt-precision float32`` (``f32p`` in ``--rows``): exact activations, as decoding (which is the same
+  in both).
 
 Peak memory is reported against the file size ``convert`` would write for ours (``peak/file``).
 
@@ -164,11 +166,10 @@ def _llama(Llama, path, threads, n_ctx):
 # ---------------------------------------------------------------- ours
 
 
-def ours_runner(model, plain: bool = False, prompt_precision: str = "float32"):
-    """Our generation; ``plain``: with plain MLX (no kernels); ``prompt_precision``: the kernels' setting."""
+def ours_runner(model, plain: bool = False, prompt_precision: str = "bfloat16"):
+    """Our generation; ``plain``: with plain MLX (no kernels); ``prompt_precision``: the kernels' setting
+    (default: that of the inference commands)."""
     run = bench.ours_runner(model, bench.TokenIds())
-    if not plain and prompt_precision == "float32":
-        return run
 
     def run_with(ids, n):
         with kernels.disabled() if plain else kernels.prompt_precision(prompt_precision):
@@ -205,9 +206,9 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--converter", type=Path, help="llama.cpp's convert_hf_to_gguf.py (for the llama.cpp rows)")
-    p.add_argument("--rows", default="f32,f16,q8,q4,bf16p",
-                   help="comma-separated subset of f32,f16,q8,q4,bf16p (bf16p: the bf16/q8/q4 rows present again with "
-                   "bfloat16 prompt precision)")
+    p.add_argument("--rows", default="f32,f16,q8,q4,f32p",
+                   help="comma-separated subset of f32,f16,q8,q4,f32p (f32p: the bf16/q8/q4 rows present again with "
+                   "--prompt-precision float32)")
     args = p.parse_args()
     tic = time.perf_counter()
     rows = args.rows.split(",")
@@ -251,11 +252,11 @@ def main() -> None:
     for q in ("f16", "bf16", "q8", "q4"):
         if q in ours:
             contenders[f"ours {q} kernels"] = (ours_runner(ours[q]), step_bytes(ours[q]) / 1e9)
-    for q in ("bf16", "q8", "q4") if "bf16p" in rows else ():
+    for q in ("bf16", "q8", "q4") if "f32p" in rows else ():
         if q in ours:
-            contenders[f"ours {q} kernels bf16 prompt"] = (ours_runner(ours[q], prompt_precision="bfloat16"),
-                                                         step_bytes(ours[q]) / 1e9)
-    kinds = {"f32": ["f32"], "f16": ["f16", "bf16"], "q8": ["q8_0"], "q4": ["q4_0"], "bf16p": []}
+            contenders[f"ours {q} kernels f32 prompt"] = (ours_runner(ours[q], prompt_precision="float32"),
+                                                        step_bytes(ours[q]) / 1e9)
+    kinds = {"f32": ["f32"], "f16": ["f16", "bf16"], "q8": ["q8_0"], "q4": ["q4_0"], "f32p": []}
     for row in rows:
         for kind in kinds[row]:
             if isinstance(ggufs.get(kind), Path):
@@ -298,11 +299,11 @@ def main() -> None:
         line("q8 (ours 8-bit g64 / Q8_0)", "ours q8 kernels", "llama.cpp q8_0", "q8")
     if "q4" in rows:
         line("q4 (ours 4-bit g64 / Q4_0)", "ours q4 kernels", "llama.cpp q4_0", "q4")
-    if "bf16p" in rows:
+    if "f32p" in rows:
         for q, theirs, name in (("bf16", "llama.cpp bf16", "bf16"), ("q8", "llama.cpp q8_0", "q8 (8-bit / Q8_0)"),
                                 ("q4", "llama.cpp q4_0", "q4 (4-bit / Q4_0)")):
-            if f"ours {q} kernels bf16 prompt" in contenders:
-                line(f"{name}, bf16 prompt", f"ours {q} kernels bf16 prompt", theirs, q)
+            if f"ours {q} kernels f32 prompt" in contenders:
+                line(f"{name}, f32 prompt", f"ours {q} kernels f32 prompt", theirs, q)
 
     out = {
         "command": " ".join(["python", *sys.argv]),

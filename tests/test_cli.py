@@ -37,35 +37,60 @@ def test_generate_streams_and_reports(mlx_model):
 
 
 def test_generate_prompt_precision_option(mlx_model):
-    """--prompt-precision bfloat16 is reported by --verbose (where the CPU kernels are built); it rounds only the
-    inputs of bfloat16/4-8-bit layers, so this float32 model generates the same text; a bad value is one line."""
+    """The inference commands default to --prompt-precision bfloat16 and --verbose says so (where the CPU kernels
+    are built); it rounds only the inputs of bfloat16/4-8-bit layers, so this float32 model generates the same
+    text with float32; a bad value is one line."""
     base = ["-m", "mlx_openelm.cli", "generate", "--model", str(mlx_model), "--prompt", "the cat sat", "--max-tokens", "8"]
-    plain = run(*base)
-    bf = run(*base, "--prompt-precision", "bfloat16", "--verbose")
-    assert plain.returncode == 0 and bf.returncode == 0, bf.stderr
-    assert plain.stdout == bf.stdout
+    default = run(*base, "--verbose")
+    exact = run(*base, "--prompt-precision", "float32", "--verbose")
+    assert default.returncode == 0 and exact.returncode == 0, default.stderr + exact.stderr
+    assert default.stdout == exact.stdout
     from mlx_openelm import kernels
 
     if kernels.available():
-        assert "bfloat16 inputs" in bf.stderr
+        assert "bfloat16 inputs" in default.stderr and "bfloat16 inputs" not in exact.stderr
     bad = run(*base, "--prompt-precision", "int4")
     assert bad.returncode != 0 and "Traceback" not in bad.stderr
     assert "prompt precision 'int4'" in bad.stderr and "float32, bfloat16" in bad.stderr
+    assert "--prompt-precision" in run("-m", "mlx_openelm.cli", "generate", "--help").stdout
 
 
-def test_prompt_precision_survives_loading_a_draft_model(mlx_model, capsys):
-    """--prompt-precision holds for the whole command: loading the --draft-model after the model must not
-    reset it (it did: each load set the default float32)."""
+def _precision_while_generating(monkeypatch):
+    """Record ``kernels.get_prompt_precision()`` each time the generate command starts generating."""
+    from mlx_openelm import kernels
+    from mlx_openelm.generate import stream
+
+    seen, real = [], stream.stream_generate
+
+    def spy(*a, **k):
+        seen.append(kernels.get_prompt_precision())
+        yield from real(*a, **k)
+
+    monkeypatch.setattr(stream, "stream_generate", spy)
+    return seen
+
+
+def test_prompt_precision_lasts_for_the_command(mlx_model, capsys, monkeypatch):
+    """The command's precision (default bfloat16, or --prompt-precision) holds while it generates, also after the
+    --draft-model is loaded (each load once reset it), and the process's own setting (the library's float32) is
+    back when the command returns, also when it fails: commands run in-process from Python and tests."""
     from conftest import cli
     from mlx_openelm import kernels
 
-    try:
-        code, _, err = cli("generate", "--model", mlx_model, "--prompt", "the cat", "--max-tokens", "3",
-                           "--prompt-precision", "bfloat16", "--draft-model", mlx_model, capsys=capsys)
-        assert code == 0, err
-        assert kernels.get_prompt_precision() == "bfloat16"
-    finally:
-        kernels.set_prompt_precision("float32")
+    seen = _precision_while_generating(monkeypatch)
+    assert kernels.get_prompt_precision() == "float32"
+    code, _, err = cli("generate", "--model", mlx_model, "--prompt", "the cat", "--max-tokens", "3",
+                       "--draft-model", mlx_model, capsys=capsys)
+    assert code == 0, err
+    assert seen == ["bfloat16"] and kernels.get_prompt_precision() == "float32"
+    code, _, err = cli("generate", "--model", mlx_model, "--prompt", "the cat", "--max-tokens", "3",
+                       "--prompt-precision", "float32", capsys=capsys)
+    assert code == 0 and seen == ["bfloat16", "float32"], err
+    with kernels.prompt_precision("bfloat16"):  # a caller's own setting survives a failing command
+        code, _, err = cli("generate", "--model", mlx_model, "--prompt", "the cat", "--adapter-path",
+                           mlx_model / "no-such-adapters", "--prompt-precision", "float32", capsys=capsys)
+        assert code == 1 and "no-such-adapters" in err and kernels.get_prompt_precision() == "bfloat16"
+    assert kernels.get_prompt_precision() == "float32"
 
 
 def test_generate_prompt_lookup_matches_greedy(mlx_model):

@@ -259,7 +259,7 @@ def test_eval_command_runs_a_local_lm_eval_task(tmp_path, sp_model_path, monkeyp
     assert res["acc_norm"] == pytest.approx(np.mean(hits["acc_norm"]))
     assert res["acc"] != res["acc_norm"], "pick DOCS labels on which the two metrics differ"
     assert report["n_samples"]["mytask"] == 2 and report["suite"] == "lm-eval"
-    assert report["prompt_precision"] == "float32" and "kernels" in report["compute"]  # how it was computed
+    assert report["prompt_precision"] == "bfloat16" and "kernels" in report["compute"]  # how it was computed (default)
     assert report["comparison"]["paper_model"] is None
 
 

@@ -16,7 +16,7 @@ from mlx_openelm import kernels
 from mlx_openelm.bench.core import mlx_lm_model, share_weights
 from mlx_openelm.config import ModelArgs
 from mlx_openelm.model import Model, init_weights
-from mlx_openelm.weights import compute_plan, cpu_runs_quantized, quantize_model
+from mlx_openelm.weights import compute_plan, cpu_runs_quantized, dtype_label, quantize_model
 
 needs_ext = pytest.mark.skipif(not kernels.available(), reason=f"CPU kernels: {kernels.describe()}")
 pytestmark = pytest.mark.skipif(mx.default_device().type != mx.DeviceType.cpu, reason="CPU fast path")
@@ -950,7 +950,7 @@ def test_cpu_policy_keeps_a_quantized_models_scales_as_stored():
     from mlx.utils import tree_flatten, tree_unflatten
 
     from mlx_openelm.bench import core as bench
-    from mlx_openelm.weights import affine_params, dtype_label
+    from mlx_openelm.weights import affine_params
 
     q4 = {"group_size": 64, "bits": 4, "mode": "affine"}
     assert compute_plan("auto", q4, cpu=True).affine_kept
@@ -1175,3 +1175,27 @@ def test_bfloat16_prompt_precision_leaves_float16_and_decode_rows_alone():
     with pytest.raises(ValueError, match="float32, bfloat16"):
         kernels.set_prompt_precision("int8")
     assert kernels.get_prompt_precision() == "float32"
+
+
+@needs_ext
+@pytest.mark.parametrize("shape", ["tiny", "270M"])
+def test_bfloat16_prompt_precision_rounds_less_than_a_bfloat16_model_computes(shape):
+    """What the inference commands' default costs: a bfloat16 model's prompt logits with activations rounded to
+    bfloat16 before each product are further from the float32 original (the weights before rounding) than with
+    exact activations, but closer than the same bfloat16 model computed in bfloat16 throughout (plain MLX, as a
+    GPU runs it: the reference for "less than a GPU rounds")."""
+    from mlx_openelm.bench import core as bench
+
+    ckpt32 = bench.random_model(shape, "float32", None, 3)
+    ckpt16 = bench.random_model(shape, "bfloat16", None, 3)
+    ids = mx.array(np.random.default_rng(0).integers(0, ckpt32.args.vocab_size, (1, 32)))
+    ref = f64(bench.as_loaded(ckpt32, "auto")(ids))
+    with kernels.disabled():
+        gpu_like = f64(ckpt16(ids))
+    ours = bench.as_loaded(ckpt16, "auto")
+    assert dtype_label(ours) == "float32 (bfloat16 matrices)"
+    exact = f64(ours(ids))
+    with kernels.prompt_precision("bfloat16"):
+        rounded = f64(ours(ids))
+    e_exact, e_rounded, e_gpu = (rel_err(y, ref) for y in (exact, rounded, gpu_like))
+    assert e_exact < e_rounded < 0.9 * e_gpu, (e_exact, e_rounded, e_gpu)

@@ -110,6 +110,8 @@ def run(name: str, args: List[str]) -> int:
     from ._common import err
 
     usage_error, click_error, click_exit, click_abort = _click_errors()
+    kernels = sys.modules.get("mlx_openelm.kernels")
+    precision = kernels.get_prompt_precision() if kernels else None
     try:
         code = command_app(name)(args=args, prog_name=f"{PROG} {name}", standalone_mode=False)
         if isinstance(code, int) and code:  # typer.Exit(code) comes back as a return value here
@@ -133,7 +135,16 @@ def run(name: str, args: List[str]) -> int:
             raise
         err(_one_line(e))
         sys.exit(1)
+    finally:
+        _restore_prompt_precision(precision)
     return 0
+
+
+def _restore_prompt_precision(precision: Optional[str]) -> None:
+    """A command's --prompt-precision lasts as long as the command (commands run in-process from Python too)."""
+    kernels = sys.modules.get("mlx_openelm.kernels")
+    if kernels is not None:
+        kernels.set_prompt_precision(precision or kernels.PROMPT_PRECISIONS[0])
 
 
 def _one_line(e: BaseException) -> str:

@@ -26,18 +26,24 @@ TokenizerOpt = typer.Option(
     "(they ship none; default: meta-llama/Llama-2-7b-hf, else its checksum-verified public copy) and instead of the folder's own.")
 
 
+# The inference commands round prompt activations to bfloat16 for bfloat16 and 4/8-bit layers by default
+# (weights that carry no more precision than bfloat16 itself; what llama.cpp does and a GPU does to every
+# activation): about twice the prompt speed on AVX-512 BF16 CPUs. The library's own default stays float32
+# (kernels.set_prompt_precision), so training and studies are exact unless they ask.
 PromptPrecisionOpt = typer.Option(
-    "float32", "--prompt-precision",
-    help="CPU prompts (and scoring) of bfloat16 or 4/8-bit models: float32 (activations exact, the default) or "
-    "bfloat16 (activations rounded to bfloat16 before each product, as the model computes on a GPU and llama.cpp "
-    "on a CPU: 1.4-1.9x faster prompts where the CPU has AVX-512 BF16). Applies to products of more than 8 "
-    "rows: prompts, scoring, batches of more than 8 sequences; decoding one sequence is unaffected.")
+    "bfloat16", "--prompt-precision",
+    help="CPU prompts (and scoring) of bfloat16 or 4/8-bit models: bfloat16 (the default: activations rounded to "
+    "bfloat16 before each product, weights exact, float32 sums, as llama.cpp does and less than a GPU rounds; "
+    "1.4-1.9x faster prompts where the CPU has AVX-512 BF16) or float32 (activations exact, as in decoding). "
+    "float32 and float16 models are always exact. Applies to products of more than 8 rows: prompts, scoring, "
+    "batches of more than 8 sequences; decoding one sequence is unaffected.")
 
 
 def _load(model: str, dtype: str = "auto", adapter_path: Optional[Path] = None, tokenizer: Optional[str] = None,
           prompt_precision: Optional[str] = None):
-    """Load a model; ``prompt_precision`` (the command's --prompt-precision, process-wide) is set first so that
-    --verbose reports it; None leaves it as it is (a draft model loaded after the model)."""
+    """Load a model; ``prompt_precision`` (the command's --prompt-precision, process-wide until the command
+    returns: ``cli.run`` restores it) is set first so that --verbose reports it; None leaves it as it is (a
+    draft model loaded after the model)."""
     from .. import kernels
     from ..io.load import load
 

@@ -19,6 +19,7 @@ dispatch than to compute. ``_ext`` (built from ``csrc/`` by ``pip install -e .``
   ``prompt_precision("bfloat16")`` the prompt products of bfloat16 and 4/8-bit layers take x rounded to
   bfloat16 (as the model computes on a GPU, and llama.cpp on a CPU) and, where the CPU has AVX-512 BF16,
   run as bfloat16 dot products at twice the float32 rate (``csrc/bf16_gemm.h``); float32 sums throughout.
+  The library's default is ``"float32"``; ``generate``/``chat``/``serve``/``eval`` default to ``"bfloat16"``.
 
 Where it is not built (macOS, no compiler, another mlx version) or the default device is a GPU,
 everything falls back to plain MLX. ``linear(layer, x)`` is the dispatch point for plain products;
@@ -42,7 +43,9 @@ MAX_ROWS = 8  # up to this many rows of activations the extension streams each w
 QUANT_BITS = (4, 8)
 FLOAT_WEIGHTS = (mx.float32, mx.bfloat16, mx.float16)  # weight dtypes gemv reads (activations float32)
 
-PROMPT_PRECISIONS = ("float32", "bfloat16")  # what x is rounded to in many-row products of half/quantized layers
+# what x is rounded to in many-row products of bfloat16 and 4/8-bit layers; the first is the library's default
+# (exact, also for training); the inference commands default to bfloat16 (cli._common.PromptPrecisionOpt)
+PROMPT_PRECISIONS = ("float32", "bfloat16")
 
 _lib = None
 _STATUS = "not loaded"
@@ -99,7 +102,8 @@ def describe() -> str:
 
 
 def get_prompt_precision() -> str:
-    """``"float32"`` (default: prompt products as exact as decoding) or ``"bfloat16"``."""
+    """``"float32"`` (the library's default: prompt products as exact as decoding) or ``"bfloat16"`` (the
+    default of the inference commands, set for the duration of one)."""
     return "bfloat16" if _PROMPT_BF16 else "float32"
 
 
