@@ -80,9 +80,14 @@ class Attention(nn.Module):
         prev = _reserve(cache, B, L, self.n_kv_heads, self.head_dim)
         qn, kn = (self["q_norm"]["weight"], self["k_norm"]["weight"]) if self.normalize_qk else (None, None)
         eps = self["q_norm"].eps if self.normalize_qk else 0.0
+        # the buffers are ours to write in place when they are what the last call left in this very cache
+        # object, untrimmed (a deepcopy or a trimmed cache fails the test and gets the kernel's copy check)
+        owned = getattr(cache, "_mlx_openelm_written", None) == (id(cache), id(cache.keys), id(cache.values), prev)
         out, cache.keys, cache.values = kernels.cached_attention(
-            qkv, qn, kn, cache.keys, cache.values, prev, self.n_heads, self.n_kv_heads, self.rope_base, eps, self.scale)
+            qkv, qn, kn, cache.keys, cache.values, prev, self.n_heads, self.n_kv_heads, self.rope_base, eps, self.scale,
+            owned)
         cache.offset = prev + L
+        cache._mlx_openelm_written = (id(cache), id(cache.keys), id(cache.values), cache.offset)
         return out
 
 

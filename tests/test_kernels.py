@@ -842,6 +842,33 @@ def test_a_deep_copied_cache_is_independent_of_its_original():
 
 
 @needs_ext
+@pytest.mark.parametrize("order", ["fork first", "original first"])
+def test_caches_sharing_a_buffer_stay_independent_after_decoding(order):
+    """The in-place write's ownership rule (the arrays the last write left in this very cache object, untrimmed):
+    a deepcopy (which shares the buffers) and a trimmed original must not write into each other's rows,
+    whichever decodes first, lazily or evaluated step by step."""
+    model = tiny_f32()
+    tokens = _tokens(3, 17)
+
+    def run():
+        cache = make_prompt_cache(model)
+        mx.eval(model(tokens, cache=cache))
+        mx.eval(model(mx.array([[5]]), cache=cache))  # one decoding step: the cache is now "owned"
+        fork = copy.deepcopy(cache)
+        steps = [(fork, 42), (cache, 7), (fork, 43), (cache, 8)]
+        outs = []
+        for c, t in (steps if order == "fork first" else steps[1::-1] + steps[3:1:-1]):
+            outs.append(model(mx.array([[t]]), cache=c))
+        trim_prompt_cache(cache, 2)  # the original goes back two rows (one the fork still holds)
+        outs.append(model(mx.array([[9]]), cache=cache))
+        outs.append(model(mx.array([[44]]), cache=fork))
+        mx.eval(outs)
+        return outs
+
+    _same_with_and_without_kernels(run)
+
+
+@needs_ext
 def test_decoding_writes_the_cache_in_place_without_copies():
     """Each step hands the last step's cache arrays back in and nothing else holds them, so the new rows
     go into the same buffers (a copy per layer and step would cost the whole cache's bytes every token)."""

@@ -206,18 +206,21 @@ def dequantize(w: mx.array, scales: mx.array, biases: mx.array, group_size: int,
 
 def cached_attention(qkv: mx.array, q_norm: Optional[mx.array], k_norm: Optional[mx.array], k_cache: mx.array,
                      v_cache: mx.array, offset: int, n_heads: int, n_kv_heads: int, rope_base: float, eps: float,
-                     scale: float) -> Tuple[mx.array, mx.array, mx.array]:
+                     scale: float, owned: bool = False) -> Tuple[mx.array, mx.array, mx.array]:
     """OpenELM attention after the fused qkv projection (``qkv[B, L, (H + 2 Hkv) D]``): RMSNorm of q and k
     over the head (``q_norm``/``k_norm`` weights, or None for none), RoPE at positions ``offset + l``, the
     new keys and values written **in place** into ``k_cache``/``v_cache`` (``[B, Hkv, C, D]`` float32,
     evaluated, row-contiguous, owned by the caller) at rows ``[offset, offset + L)``, then causal softmax
     attention of each query head over its kv head's rows ``[0, offset + l]``. Returns the attention
     ``[B, L, H D]`` and the two caches as new arrays sharing the buffers: store those back, so that what reads
-    the cache later depends on this node (MLX's graph does not see in-place writes)."""
+    the cache later depends on this node (MLX's graph does not see in-place writes). A cache still held
+    elsewhere is copied first, unless ``owned``: the caller vouches that the caches are the arrays the last
+    call returned for the same cache object, which has not been trimmed since (what the earlier calls' nodes
+    still hold of them, they read below ``offset`` and before this write)."""
     if _lib is None:
         raise RuntimeError(f"the CPU kernels are {_STATUS}")
     return _lib.cached_attention(qkv, q_norm, k_norm, k_cache, v_cache, int(offset), int(n_heads), int(n_kv_heads),
-                                 float(rope_base), float(eps), float(scale))
+                                 float(rope_base), float(eps), float(scale), owned=bool(owned))
 
 
 def cache_copies() -> int:

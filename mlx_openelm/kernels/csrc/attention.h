@@ -308,16 +308,21 @@ inline void rope_tables(const AttnShape& s, float base, std::vector<float>& cs, 
 
 // The cache with rows [offset, offset + L) replaced by the new keys (first = H: RMSNorm + RoPE) or
 // values (first = H + Hkv: copied). Like MLX's slice update, the input buffer is reused when nothing
-// else holds it (the usual case: each step passes the last step's output back in), else copied.
+// else holds it, else copied; or when the caller says it owns the cache (`owned`: the array is the one the
+// last write produced for the same cache, not trimmed since). Then the only other holders are the earlier
+// steps' nodes, which read rows below offset only and run first on this stream; the reference count alone
+// depends on how far MLX's asynchronous evaluation has got through them (a tiny model's decoding copied its
+// cache in most steps once a step had fewer graph nodes).
 class CacheWrite : public mx::UnaryPrimitive {
  public:
-  CacheWrite(mx::Stream st, AttnShape s, float base, bool keys) : mx::UnaryPrimitive(st), s_(s), base_(base), keys_(keys) {}
+  CacheWrite(mx::Stream st, AttnShape s, float base, bool keys, bool owned)
+      : mx::UnaryPrimitive(st), s_(s), base_(base), keys_(keys), owned_(owned) {}
 
   void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override {
     const mx::array& cache = inputs[0];
     const mx::array& qkv = inputs[1];
     const mx::array& norm = inputs[2];
-    const bool copy = !(cache.is_donatable() && cache.flags().row_contiguous && cache.data_size() == cache.size());
+    const bool copy = !((owned_ || cache.is_donatable()) && cache.flags().row_contiguous && cache.data_size() == cache.size());
     if (copy) {
       out.set_data(mx::allocator::malloc(out.nbytes()));
       g_cache_copies.fetch_add(1, std::memory_order_relaxed);
@@ -353,7 +358,7 @@ class CacheWrite : public mx::UnaryPrimitive {
  private:
   AttnShape s_;
   float base_;
-  bool keys_;
+  bool keys_, owned_;
 };
 
 // Causal attention of the L new query rows (RMSNorm + RoPE applied here) over caches that already
@@ -426,7 +431,7 @@ class CachedAttention : public mx::UnaryPrimitive {
 
 std::vector<mx::array> cached_attention(const mx::array& qkv, const std::optional<mx::array>& q_norm,
                            const std::optional<mx::array>& k_norm, const mx::array& k_cache, const mx::array& v_cache,
-                           int offset, int n_heads, int n_kv_heads, float rope_base, float eps, float scale,
+                           int offset, int n_heads, int n_kv_heads, float rope_base, float eps, float scale, bool owned,
                            mx::StreamOrDevice st_) {
   auto st = cpu_stream(st_);
   if (qkv.dtype() != mx::float32 || k_cache.dtype() != mx::float32 || v_cache.dtype() != mx::float32)
@@ -443,15 +448,15 @@ std::vector<mx::array> cached_attention(const mx::array& qkv, const std::optiona
   const bool norm = q_norm.has_value();
   if (norm != k_norm.has_value()) throw std::invalid_argument("cached_attention: give both q_norm and k_norm or neither");
   AttnShape s{B, L, n_heads, n_kv_heads, D, C, offset, eps, scale, norm};
-  auto c = [&](const mx::array& a) { return mx::contiguous(a, false, st); };
+  auto c = [&](const mx::array& a) { return row_contiguous(a, st); };
   mx::array empty = mx::zeros({D}, mx::float32, st);
   mx::array qn = norm ? mx::astype(c(*q_norm), mx::float32, st) : empty;
   mx::array kn = norm ? mx::astype(c(*k_norm), mx::float32, st) : empty;
   if (qn.size() != (size_t)D || kn.size() != (size_t)D)
     throw std::invalid_argument("cached_attention: q_norm and k_norm must have head_dim values");
   mx::array x = c(qkv);
-  mx::array k2(k_cache.shape(), mx::float32, std::make_shared<CacheWrite>(st, s, rope_base, true), {k_cache, x, kn});
-  mx::array v2(v_cache.shape(), mx::float32, std::make_shared<CacheWrite>(st, s, rope_base, false), {v_cache, x, kn});
+  mx::array k2(k_cache.shape(), mx::float32, std::make_shared<CacheWrite>(st, s, rope_base, true, owned), {k_cache, x, kn});
+  mx::array v2(v_cache.shape(), mx::float32, std::make_shared<CacheWrite>(st, s, rope_base, false, owned), {v_cache, x, kn});
   mx::array out({B, L, n_heads * D}, mx::float32, std::make_shared<CachedAttention>(st, s, rope_base), {x, qn, k2, v2});
   return {out, k2, v2};
 }

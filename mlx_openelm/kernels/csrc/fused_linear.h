@@ -87,7 +87,7 @@ mx::array fused_linear(const mx::array& x, const mx::array& w, const std::option
   if ((pro == kSwiGLU ? Kin / 2 : Kin) != K || (pro == kSwiGLU && Kin % 2))
     throw std::invalid_argument("fused_linear: x's last axis does not match w (SwiGLU: twice w's K)");
   if ((int64_t)x.size() / Kin > 8) throw std::invalid_argument("fused_linear: at most 8 rows");
-  auto c = [&](const mx::array& a) { return mx::contiguous(a, false, st); };
+  auto c = [&](const mx::array& a) { return row_contiguous(a, st); };
   std::vector<mx::array> in{c(x), c(w)};
   if (bits) {
     if (bits != 4 && bits != 8) throw std::invalid_argument("fused_linear: bits must be 0, 4 or 8");

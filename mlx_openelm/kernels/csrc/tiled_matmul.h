@@ -168,7 +168,7 @@ mx::array tiled(const mx::array& x, const mx::array& w, const std::optional<mx::
     throw std::invalid_argument("tiled products: x float32, w 2-D (SwiGLU: an even number of rows [gate; up])");
   const int64_t K = bits ? (int64_t)w.shape(1) * 32 / bits : w.shape(1);
   if (x.ndim() < 1 || x.shape(-1) != K) throw std::invalid_argument("tiled products: x's last axis must match w's K");
-  auto c = [&](const mx::array& a) { return mx::contiguous(a, false, st); };
+  auto c = [&](const mx::array& a) { return row_contiguous(a, st); };
   std::vector<mx::array> in{c(x), c(w)};
   if (bits) {
     if ((bits != 4 && bits != 8) || !scales || !biases || !affine_fits(w, *scales, *biases, K, group_size))
