@@ -82,13 +82,19 @@ class Attention(nn.Module):
         eps = self["q_norm"].eps if self.normalize_qk else 0.0
         # the buffers are ours to write in place when they are what the last call left in this very cache
         # object, untrimmed (a deepcopy or a trimmed cache fails the test and gets the kernel's copy check)
-        owned = getattr(cache, "_mlx_openelm_written", None) == (id(cache), id(cache.keys), id(cache.values), prev)
+        owned = getattr(cache, "_mlx_openelm_written", None) == _cache_state(cache)
         out, cache.keys, cache.values = kernels.cached_attention(
             qkv, qn, kn, cache.keys, cache.values, prev, self.n_heads, self.n_kv_heads, self.rope_base, eps, self.scale,
             owned)
         cache.offset = prev + L
-        cache._mlx_openelm_written = (id(cache), id(cache.keys), id(cache.values), cache.offset)
+        cache._mlx_openelm_written = _cache_state(cache)
         return out
+
+
+def _cache_state(cache: KVCache) -> tuple:
+    """Which cache object, which key/value arrays, which offset: equal before a write to what it was after the
+    last one exactly when nothing replaced the arrays or moved the offset since."""
+    return id(cache), id(cache.keys), id(cache.values), cache.offset
 
 
 def _fused_attention_applies(attn: Attention, x: mx.array, mask, cache) -> bool:

@@ -449,9 +449,8 @@ std::vector<mx::array> cached_attention(const mx::array& qkv, const std::optiona
   if (norm != k_norm.has_value()) throw std::invalid_argument("cached_attention: give both q_norm and k_norm or neither");
   AttnShape s{B, L, n_heads, n_kv_heads, D, C, offset, eps, scale, norm};
   auto c = [&](const mx::array& a) { return row_contiguous(a, st); };
-  mx::array empty = mx::zeros({D}, mx::float32, st);
-  mx::array qn = norm ? mx::astype(c(*q_norm), mx::float32, st) : empty;
-  mx::array kn = norm ? mx::astype(c(*k_norm), mx::float32, st) : empty;
+  mx::array qn = norm ? mx::astype(c(*q_norm), mx::float32, st) : mx::zeros({D}, mx::float32, st);
+  mx::array kn = norm ? mx::astype(c(*k_norm), mx::float32, st) : qn;  // no norm: the same unused zeros
   if (qn.size() != (size_t)D || kn.size() != (size_t)D)
     throw std::invalid_argument("cached_attention: q_norm and k_norm must have head_dim values");
   mx::array x = c(qkv);
