@@ -77,7 +77,7 @@ class Attention(nn.Module):
     def attend_cached(self, qkv: mx.array, cache: KVCache) -> mx.array:
         """From the fused projection's output to out_proj's input, with the CPU kernels (see ``_fused``)."""
         B, L, _ = qkv.shape
-        prev = _reserve(cache, B, L, self.n_kv_heads, self.head_dim)
+        prev = _reserve(cache, B, L, self.n_kv_heads, self.head_dim, self)
         qn, kn = (self["q_norm"]["weight"], self["k_norm"]["weight"]) if self.normalize_qk else (None, None)
         eps = self["q_norm"].eps if self.normalize_qk else 0.0
         # the buffers are ours to write in place when they are what the last call left in this very cache
@@ -101,18 +101,33 @@ def _fused_attention_applies(attn: Attention, x: mx.array, mask, cache) -> bool:
     causal = mask == "causal" if isinstance(mask, str) else (mask is None and x.shape[1] == 1)
     return (type(cache) is KVCache and causal and x.dtype == mx.float32 and attn.head_dim % 16 == 0
             and (not attn.normalize_qk or attn["q_norm"].fused) and kernels.fusion_on()
-            and (cache.keys is None or (cache.keys.dtype == mx.float32 and cache.keys.shape[0] == x.shape[0])))
+            and (cache.keys is None or (cache.keys.dtype in _CACHE_DTYPES and cache.keys.shape[0] == x.shape[0])))
 
 
-def _reserve(cache: KVCache, B: int, L: int, n_kv: int, head_dim: int) -> int:
+_CACHE_DTYPES = (mx.float32, mx.float16, mx.bfloat16)
+
+
+def kv_cache_dtype(attn: Attention) -> mx.Dtype:
+    """THE KV-cache dtype of the CPU kernels' attention: float32 for a float32 model; float16 when the
+    weights are stored in half precision or quantized (as llama.cpp's default cache), which halves the
+    bytes every decoding step reads from the cache (32 KB a position for 270M) and the cache's memory.
+    Keys (RMS-normalised) and values are computed in float32 and rounded once as they are stored: a relative
+    error of at most 2^-11 each, well below what half or quantized weights already carry."""
+    qkv = attn["qkv_proj"]
+    w = (qkv["linear"] if "linear" in qkv else qkv).get("weight")
+    return mx.float32 if w is not None and w.dtype == mx.float32 else mx.float16
+
+
+def _reserve(cache: KVCache, B: int, L: int, n_kv: int, head_dim: int, attn: Attention) -> int:
     """Make room for ``L`` more rows in ``cache``'s buffers (grown as mlx-lm's ``KVCache`` grows them, in
     steps of ``cache.step`` rows) as buffers of their own, which the fused attention writes into;
-    returns the offset the new rows start at."""
+    returns the offset the new rows start at. New buffers take ``kv_cache_dtype``; a grown one keeps its dtype."""
     prev = cache.offset
     if cache.keys is None or prev + L > cache.keys.shape[2]:
         shape = (B, n_kv, (cache.step + L - 1) // cache.step * cache.step, head_dim)
+        dt = kv_cache_dtype(attn) if cache.keys is None else cache.keys.dtype
         # two separate allocations: the kernel writes into each (mx.contiguous would share one buffer)
-        keys, values = mx.zeros(shape, mx.float32), mx.zeros(shape, mx.float32)
+        keys, values = mx.zeros(shape, dt), mx.zeros(shape, dt)
         if cache.keys is not None:
             keys = mx.concatenate([cache.keys[..., :prev, :], keys], axis=2)
             values = mx.concatenate([cache.values[..., :prev, :], values], axis=2)
@@ -175,6 +190,9 @@ class TransformerBlock(nn.Module):
 def _embed(emb: nn.Module, ids: mx.array, dtype: mx.Dtype) -> mx.array:
     """The rows of ``ids`` in the activations' dtype. A quantized table whose scales are kept in a half dtype
     (on the CPU, ``weights.ComputePlan.affine_kept``) dequantizes its rows in ``dtype``, not rounded to the scales'."""
+    rows = kernels.embedding_rows(emb, ids) if dtype == mx.float32 else None
+    if rows is not None:
+        return rows
     if isinstance(emb, nn.QuantizedEmbedding) and emb["scales"].dtype != dtype:
         b = emb.get("biases")
         return mx.dequantize(emb["weight"][ids], emb["scales"][ids].astype(dtype),

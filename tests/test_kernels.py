@@ -12,6 +12,8 @@ import mlx.nn as nn
 import numpy as np
 import pytest
 
+from mlx_lm.models.cache import KVCache as _KVCache
+
 from mlx_openelm import kernels
 from mlx_openelm.bench.core import mlx_lm_model, share_weights
 from mlx_openelm.config import ModelArgs
@@ -216,11 +218,11 @@ def _tiny_model(quantize=None, seed=0) -> Model:
     return m
 
 
-def _decode_logits(model, tokens, steps=3):
+def _decode_logits(model, tokens, steps=3, cache=None):
     """Prompt, then ``steps`` one-token steps through a KV cache; every step's logits."""
     from mlx_lm.models.cache import make_prompt_cache
 
-    cache = make_prompt_cache(model)
+    cache = make_prompt_cache(model) if cache is None else cache
     out = [model(mx.array([tokens]), cache=cache)[:, -1]]
     for t in range(steps):
         out.append(model(mx.array([[tokens[t] + 1]]), cache=cache)[:, -1])
@@ -232,21 +234,63 @@ def _decode_logits(model, tokens, steps=3):
 @pytest.mark.parametrize("quantize", [None, 4, 8])
 def test_model_decode_with_kernels_matches_plain_mlx_and_mlx_lm(quantize, monkeypatch):
     """Our decode path (kernels where built) against the same weights through plain MLX products
-    (kernels off) and through mlx-lm's OpenELM (an independent implementation)."""
+    (kernels off) and through mlx-lm's OpenELM (an independent implementation). A quantized model's KV cache
+    is float16 with the kernels (model.kv_cache_dtype): with mlx-lm's cache rounding to float16 the same,
+    and, with the cache kept in float32, exactly as before."""
+    from mlx_openelm import model as model_module
+
     model = _tiny_model(quantize)
     tokens = [5, 17, 99, 3, 250, 7]
     ours = _decode_logits(model, tokens)
     theirs = share_weights(model, mlx_lm_model(model.args))
     ref = _decode_logits(theirs, tokens)
     scale = mx.abs(ref).max().item()
+    if quantize and kernels.available():
+        half_ref = _decode_logits(theirs, tokens, cache=[_Float16KV() for _ in theirs.layers])
+        # float16 keys and values: 5.6-8.6e-4 from the float32 cache, 0.7-0.8e-4 from mlx-lm rounding the same
+        # (a key computed in float32 by two implementations now and then rounds to neighbouring float16 values)
+        assert max_diff(ref, half_ref) > 2e-4 * scale
+        assert max_diff(ours, half_ref) < 2e-4 * scale
+        monkeypatch.setattr(model_module, "kv_cache_dtype", lambda attn: mx.float32)
+        ours = _decode_logits(model, tokens)
     assert max_diff(ours, ref) < 1e-5 * scale
     monkeypatch.setattr(kernels, "_lib", None)  # plain MLX products
     plain = _decode_logits(model, tokens)
     assert max_diff(ours, plain) < 1e-5 * scale
 
 
+@needs_ext
+@pytest.mark.parametrize("bits,scales_dtype", [(4, "float16"), (8, "bfloat16"), (4, "float32")])
+def test_quantized_embedding_rows_match_float64(bits, scales_dtype):
+    """kernels.embedding_rows: the rows of ids (any shape, repeats) against MLX's layout unpacked in NumPy
+    and widened in float64, and what the model's embedding gives without the kernels."""
+    emb = nn.QuantizedEmbedding(300, 128, group_size=64, bits=bits)
+    emb.scales = emb.scales.astype(getattr(mx, scales_dtype))
+    emb.biases = emb.biases.astype(getattr(mx, scales_dtype))
+    ids = mx.array([[5, 299, 0, 5], [17, 17, 3, 250]])
+    rows = kernels.embedding_rows(emb, ids)
+    table = unpack_affine(emb.weight, emb.scales.astype(mx.float32), emb.biases.astype(mx.float32), 64, bits)
+    assert rows.dtype == mx.float32 and rows.shape == (2, 4, 128)
+    assert rel_err(rows, table[np.array(ids)]) < 1e-6
+    from mlx_openelm.model import _embed
+
+    with kernels.disabled():
+        assert kernels.embedding_rows(emb, ids) is None
+        plain = _embed(emb, ids, mx.float32)
+    assert rel_err(rows, f64(plain)) < 1e-6
+    assert kernels.embedding_rows(nn.Embedding(10, 64), ids) is None
+
+
 def max_diff(a, b) -> float:
     return mx.abs(a - b).max().item()
+
+
+class _Float16KV(_KVCache):
+    """mlx-lm's KVCache storing float16 keys and values (rounded by MLX's astype): the reference for our
+    float16 cache. A subclass, so our model takes its plain path with it."""
+
+    def update_and_fetch(self, keys, values):
+        return super().update_and_fetch(keys.astype(mx.float16), values.astype(mx.float16))
 
 
 def test_many_rows_of_a_quantized_layer_go_through_dequantize_then_blas():
@@ -317,13 +361,15 @@ from mlx_openelm.bench.core import random_model  # noqa: E402
 ROPE_BASE, EPS = 10000.0, 1e-6
 
 
-def np_cached_attention(qkv, q_norm, k_norm, k_cache, v_cache, offset, H, Hkv, base, eps, scale, f32_angles=False):
+def np_cached_attention(qkv, q_norm, k_norm, k_cache, v_cache, offset, H, Hkv, base, eps, scale, f32_angles=False,
+                        keep_caches=False):
     """The kernel's contract written out in float64 NumPy: split the rows into H query, Hkv key and
     Hkv value heads of D; RMSNorm of q and k over D (when weights are given); RoPE "rotate halves"
     (x[i], x[i + D/2] rotated by theta = pos * base^(-2i/D), pos = offset + l); the new rows into copies of
     the caches; causal softmax(q . k_j * scale) over keys j <= offset + l, query head h on kv head
     h // (H / Hkv). ``f32_angles``: theta rounded as a float32 product pos * inv_freq (as mx.fast.rope and
-    CoreNet's float32 rotary embedding compute it), everything else in float64."""
+    CoreNet's float32 rotary embedding compute it), everything else in float64. ``keep_caches``: the caches
+    already hold the new rows (as a half-precision kernel stored them); only the queries are computed."""
     x = np.asarray(qkv, np.float64)
     B, L, _ = x.shape
     D = k_cache.shape[-1]
@@ -348,8 +394,9 @@ def np_cached_attention(qkv, q_norm, k_norm, k_cache, v_cache, offset, H, Hkv, b
     q, k = rope(q), rope(k)
     K = np.array(k_cache, np.float64)
     V = np.array(v_cache, np.float64)
-    K[:, :, offset:offset + L] = k.transpose(0, 2, 1, 3)
-    V[:, :, offset:offset + L] = v.transpose(0, 2, 1, 3)
+    if not keep_caches:
+        K[:, :, offset:offset + L] = k.transpose(0, 2, 1, 3)
+        V[:, :, offset:offset + L] = v.transpose(0, 2, 1, 3)
     S = offset + L
     future = np.arange(S)[None, :] > (offset + np.arange(L))[:, None]  # [L, S]
     out = np.zeros((B, L, H, D))
@@ -482,6 +529,44 @@ def test_cached_attention_matches_mlx_ops(case):
 
 
 @needs_ext
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("case", list(ATTENTION_CASES))
+def test_cached_attention_with_half_caches(case, dtype):
+    """float16 / bfloat16 caches: the new keys (float64 reference, then float32) and values (qkv's float32
+    values) are stored as MLX's astype rounds them, rows outside [offset, offset + L) untouched, and the output
+    is float64 attention over those stored caches."""
+    dt = getattr(mx, dtype)
+    B, L, offset, C, H, Hkv, D, norm = ATTENTION_CASES[case]
+    qkv, qn, kn, kc, vc = _attention_inputs(len(case) * 31 + L, B, L, offset, C, H, Hkv, D, norm)
+    k_cache, v_cache = mx.array(kc).astype(dt), mx.array(vc).astype(dt)
+    mx.eval(k_cache, v_cache)
+    kc, vc = np.array(k_cache.astype(mx.float32)), np.array(v_cache.astype(mx.float32))  # what they hold
+    out, k2, v2 = kernels.cached_attention(mx.array(qkv), None if qn is None else mx.array(qn),
+                                           None if kn is None else mx.array(kn), k_cache, v_cache, offset, H, Hkv,
+                                           ROPE_BASE, EPS, D**-0.5)
+    mx.eval(out, k2, v2)
+    assert k2.dtype == v2.dtype == dt and out.dtype == mx.float32
+    k2, v2 = np.array(k2.astype(mx.float32)), np.array(v2.astype(mx.float32))
+    _, rk, rv = np_cached_attention(qkv, qn, kn, kc, vc, offset, H, Hkv, ROPE_BASE, EPS, D**-0.5, f32_angles=True)
+    as_stored = lambda a: np.array(mx.array(a.astype(np.float32)).astype(dt).astype(mx.float32))
+    new = slice(offset, offset + L)
+    # values and the untouched rows: bitwise. Keys: the kernel's float32 key and the reference's differ by
+    # ~1e-7 relative, so now and then (<= 1 in 1000 here) they round to neighbouring half values: one ulp
+    assert np.array_equal(v2, as_stored(rv))
+    rest = np.ones(C, bool)
+    rest[new] = False
+    assert np.array_equal(k2[:, :, rest], kc[:, :, rest])
+    rkh = as_stored(rk)[:, :, new]
+    ulp = 2.0 ** (-10 if dtype == "float16" else -7)
+    assert (k2[:, :, new] == rkh).mean() >= 0.999
+    assert np.all(np.abs(k2[:, :, new] - rkh) <= ulp * np.abs(rkh))
+    # the output: float64 attention over the caches as stored (queries as the float64 reference's)
+    ro, _, _ = np_cached_attention(qkv, qn, kn, k2, v2, offset, H, Hkv, ROPE_BASE, EPS, D**-0.5, f32_angles=True,
+                                   keep_caches=True)
+    assert rel_err(out, ro) < 5e-6
+
+
+@needs_ext
 def test_cached_attention_bad_inputs_raise():
     D, H, Hkv, C = 16, 4, 2, 32
     qkv = mx.zeros((2, 3, (H + 2 * Hkv) * D))
@@ -495,7 +580,9 @@ def test_cached_attention_bad_inputs_raise():
     with pytest.raises(ValueError, match="float32"):
         call(qkv=qkv.astype(mx.float16))
     with pytest.raises(ValueError, match="float32"):
-        call(kc=kc.astype(mx.float16), vc=vc.astype(mx.float16))
+        call(kc=kc.astype(mx.float16))  # keys float16, values float32
+    with pytest.raises(ValueError, match="float32"):
+        call(kc=kc.astype(mx.int32), vc=vc.astype(mx.int32))
     with pytest.raises(ValueError, match="match"):
         call(qkv=mx.zeros((2, 3, (H + 2 * Hkv) * D + 16)))  # one head too many
     with pytest.raises(ValueError, match="match"):
@@ -879,6 +966,69 @@ def test_decoding_writes_the_cache_in_place_without_copies():
     before = kernels.cache_copies()
     tokens = [t for t, _ in generate_step(prompt, model, max_tokens=20, prefill_step_size=128)]
     assert len(tokens) == 20 and kernels.cache_copies() == before
+
+
+@needs_ext
+def test_the_cache_is_float16_for_half_and_quantized_models_and_float32_for_float32_ones():
+    """model.kv_cache_dtype: what every layer's cache holds after a prompt and decoding steps (as the CPU
+    policy loads each model), and half the bytes of the float32 cache."""
+    from mlx_openelm.bench.core import as_loaded
+
+    models = {"float32": tiny_f32(), "float16": as_loaded(random_model("tiny", "float16", None, 0)),
+              "bfloat16": as_loaded(random_model("tiny", "bfloat16", None, 0)),
+              "4-bit": as_loaded(random_model("tiny", "float16", 4, 0))}
+    nbytes = {}
+    for name, model in models.items():
+        cache = make_prompt_cache(model)
+        mx.eval(model(_tokens(20, 1), cache=cache), model(mx.array([[3]]), cache=cache))
+        assert {c.keys.dtype for c in cache} == {c.values.dtype for c in cache} == (
+            {mx.float32} if name == "float32" else {mx.float16}), name
+        nbytes[name] = sum(c.keys.nbytes + c.values.nbytes for c in cache)
+    assert nbytes["float16"] == nbytes["bfloat16"] == nbytes["4-bit"] == nbytes["float32"] // 2
+
+
+@needs_ext
+def test_a_float16_cache_through_every_cache_path_matches_mlx_lms_cache_rounding_the_same():
+    """A float16-matrix model (float16 cache): a 200-token prompt, one-token steps (in place, no copies), a
+    chunk across the 256-row growth, a plain-path call (array mask) writing into the float16 buffers, a
+    deep-copied fork and trims. Reference: plain MLX with mlx-lm's cache storing float16 (MLX's rounding)."""
+    from mlx_openelm.bench.core import as_loaded
+
+    model = as_loaded(random_model("tiny", "float16", None, 0))
+    tokens = _tokens(300, 21)
+    causal = lambda n, off: mx.arange(off + n)[None, :] <= (off + mx.arange(n))[:, None]
+
+    def run(cache):
+        outs = [model(tokens[:, :200], cache=cache)]
+        mx.eval(outs)
+        before = kernels.cache_copies()
+        for i in range(200, 203):
+            outs.append(model(tokens[:, i:i + 1], cache=cache))
+            mx.eval(outs[-1])
+        copies = kernels.cache_copies() - before
+        outs.append(model(tokens[:, 203:263], cache=cache))  # grows the buffers past 256 rows
+        outs.append(model(tokens[:, 263:268], cache=cache, mask=causal(5, 263)))  # plain path
+        outs.append(model(tokens[:, 268:269], cache=cache))
+        mx.eval(outs)
+        fork = copy.deepcopy(cache)
+        trim_prompt_cache(fork, 2)
+        outs.append(model(tokens[:, 280:282], cache=fork))
+        trim_prompt_cache(cache, 1)
+        outs.append(model(tokens[:, 290:291], cache=cache))
+        outs.append(model(tokens[:, 291:292], cache=fork))
+        mx.eval(outs)
+        return outs, cache, copies
+
+    ours, cache, copies = run(make_prompt_cache(model))
+    assert copies == 0 and {c.keys.dtype for c in cache} == {mx.float16} and cache[0].keys.shape[2] > 256
+    with kernels.disabled():
+        ref, _, _ = run([_Float16KV() for _ in model.layers])
+        f32_ref, _, _ = run(make_prompt_cache(model))
+    # measured: 1.4-3.7e-5 from the float16 reference (rounding ties of keys computed two ways), 1.7-5.6e-4 from
+    # the logits with a float32 cache
+    for o, r in zip(ours, ref):
+        assert _close(o, r, rel=1e-4)
+    assert max(max_diff(o, r32) / mx.abs(r32).max().item() for o, r32 in zip(ours, f32_ref)) > 3e-4
 
 
 # ---------------------------------------------------------------- float16 / bfloat16 matrices

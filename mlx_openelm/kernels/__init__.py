@@ -209,8 +209,9 @@ def cached_attention(qkv: mx.array, q_norm: Optional[mx.array], k_norm: Optional
                      scale: float, owned: bool = False) -> Tuple[mx.array, mx.array, mx.array]:
     """OpenELM attention after the fused qkv projection (``qkv[B, L, (H + 2 Hkv) D]``): RMSNorm of q and k
     over the head (``q_norm``/``k_norm`` weights, or None for none), RoPE at positions ``offset + l``, the
-    new keys and values written **in place** into ``k_cache``/``v_cache`` (``[B, Hkv, C, D]`` float32,
-    evaluated, row-contiguous, owned by the caller) at rows ``[offset, offset + L)``, then causal softmax
+    new keys and values written **in place** into ``k_cache``/``v_cache`` (``[B, Hkv, C, D]``, both float32,
+    float16 or bfloat16: computed in float32, rounded to nearest even as stored; evaluated, row-contiguous,
+    owned by the caller) at rows ``[offset, offset + L)``, then causal softmax
     attention of each query head over its kv head's rows ``[0, offset + l]``. Returns the attention
     ``[B, L, H D]`` and the two caches as new arrays sharing the buffers: store those back, so that what reads
     the cache later depends on this node (MLX's graph does not see in-place writes). A cache still held
@@ -247,6 +248,18 @@ def _quant_ok(m) -> bool:
         return False
     dt = m["scales"].dtype
     return dt in FLOAT_WEIGHTS and m["biases"].dtype == dt  # the kernels widen half scales/biases exactly
+
+
+def embedding_rows(m: nn.Module, ids: mx.array) -> Optional[mx.array]:
+    """The float32 rows ``ids`` of a 4/8-bit affine ``QuantizedEmbedding`` by the extension's dequantize (a
+    gather of the rows' words, scales and biases, then one node; ``mx.dequantize`` on the CPU builds ~55 small
+    nodes a call, each a few microseconds of every decoding step); None where ``m(ids)`` should run."""
+    if (_lib is None or type(m) is not nn.QuantizedEmbedding or not _quant_ok(m)
+            or mx.default_device().type != mx.DeviceType.cpu):
+        return None
+    flat = ids.reshape(-1)
+    rows = _lib.dequantize(m["weight"][flat], m["scales"][flat], m["biases"][flat], m.group_size, m.bits)
+    return rows.reshape(*ids.shape, rows.shape[-1])
 
 
 def product(m: nn.Module, x: mx.array) -> Optional[mx.array]:

@@ -11,7 +11,9 @@
 //
 // Three nodes: two CacheWrite (the caches k_cache/v_cache [B, Hkv, C, D] with rows [offset, offset + L)
 // replaced by the new keys and values, returned for the caller to store back into its cache, an
-// mlx-lm KVCache whose capacity it reserved) and CachedAttention reading them.
+// mlx-lm KVCache whose capacity it reserved) and CachedAttention reading them. The caches may be
+// float32, float16 or bfloat16 (T below): keys and values are computed in float32, rounded to nearest
+// even as they are stored, and widened as they are read; everything else is float32.
 
 // exp(x) for 16 floats (Cephes' expf: 2^n * p(r), |relative error| < 2e-7 over the float range).
 inline v16f exp16(v16f x) {
@@ -61,15 +63,17 @@ inline float softmax_row(float* p, int64_t S, int64_t lim) {
   return 1.0f / hsum16(sum);
 }
 
-// dst[r][0, D) = inv[r] * sum_j p[r][j] * v[j] over keys j < lim (v rows of D, a multiple of 64) for the
-// first n of four query rows: 64 output values of the four rows in 16 registers, each value row read once.
-inline void weighted_values4(const float* const p[4], int64_t lim, const float* v, int64_t D, const float* inv,
+// dst[r][0, D) = inv[r] * sum_j p[r][j] * v[j] over keys j < lim (v rows of D, a multiple of 64, in the
+// cache's dtype T) for the first n of four query rows: 64 output values of the four rows in 16 registers,
+// each value row read once.
+template <typename T>
+inline void weighted_values4(const float* const p[4], int64_t lim, const T* v, int64_t D, const float* inv,
                              float* const dst[4], int64_t n) {
   for (int64_t d0 = 0; d0 < D; d0 += 64) {
     v16f o[4][4] = {};
     for (int64_t j = 0; j < lim; ++j) {
-      const float* vj = v + j * D + d0;
-      const v16f v0 = load16(vj), v1 = load16(vj + 16), v2 = load16(vj + 32), v3 = load16(vj + 48);
+      const T* vj = v + j * D + d0;
+      const v16f v0 = load16w(vj), v1 = load16w(vj + 16), v2 = load16w(vj + 32), v3 = load16w(vj + 48);
       for (int r = 0; r < 4; ++r) {
         const float pj = p[r][j];
         o[r][0] += pj * v0;
@@ -130,12 +134,13 @@ inline __m512 reduce16(const __m512* v) {
 // attend_rows for one query position and head_dim a multiple of 64 (decoding): the rep query heads four
 // at a time; scores of four heads x four keys reduced together (reduce16), values with the four heads'
 // outputs held in 16 registers (each value row read once per four heads, no output loads/stores).
-inline void attend_position(const AttnShape& s, const float* q, const float* kc, const float* vc, float* out,
+template <typename T>
+inline void attend_position(const AttnShape& s, const float* q, const T* kc, const T* vc, float* out,
                             int64_t b, int64_t g, int64_t l, std::vector<float>& scratch) {
   const int64_t rep = s.H / s.Hkv, D = s.D, S = s.offset + l + 1, Sp = (S + 15) / 16 * 16;
   scratch.resize(4 * Sp);
-  const float* kb = kc + (b * s.Hkv + g) * s.C * D;
-  const float* vb = vc + (b * s.Hkv + g) * s.C * D;
+  const T* kb = kc + (b * s.Hkv + g) * s.C * D;
+  const T* vb = vc + (b * s.Hkv + g) * s.C * D;
   for (int64_t r0 = 0; r0 < rep; r0 += 4) {
     const int64_t n = std::min<int64_t>(4, rep - r0);
     const float* qr[4];
@@ -149,12 +154,13 @@ inline void attend_position(const AttnShape& s, const float* q, const float* kc,
     for (int64_t j0 = 0; j0 < S; j0 += 4) {
       __m512 acc[16];
       for (int k = 0; k < 4; ++k) {
-        const float* kj = kb + std::min(j0 + k, S - 1) * D;  // past the end: a repeat, never read back
-        for (int r = 0; r < 4; ++r) {
-          __m512 a = _mm512_mul_ps(_mm512_loadu_ps(qr[r]), _mm512_loadu_ps(kj));
-          for (int64_t d = 16; d < D; d += 16) a = _mm512_fmadd_ps(_mm512_loadu_ps(qr[r] + d), _mm512_loadu_ps(kj + d), a);
-          acc[4 * k + r] = a;
+        const T* kj = kb + std::min(j0 + k, S - 1) * D;  // past the end: a repeat, never read back
+        __m512 a[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+        for (int64_t d = 0; d < D; d += 16) {
+          const __m512 kv = ldw(kj + d);  // widened once for the four heads
+          for (int r = 0; r < 4; ++r) a[r] = _mm512_fmadd_ps(_mm512_loadu_ps(qr[r] + d), kv, a[r]);
         }
+        for (int r = 0; r < 4; ++r) acc[4 * k + r] = a[r];
       }
       const __m512 t = _mm512_mul_ps(reduce16(acc), _mm512_set1_ps(s.scale));  // block r: keys j0..j0+3
       _mm_storeu_ps(sc[0] + j0, _mm512_extractf32x4_ps(t, 0));
@@ -171,11 +177,12 @@ inline void attend_position(const AttnShape& s, const float* q, const float* kc,
 
 // Queries of kv head `g` (rep = H / Hkv of them), query row l of batch b: causal softmax over the
 // keys [0, offset + l], weighted sum of the values, into out[b, l, h * D].
-inline void attend_rows(const AttnShape& s, const float* q, const float* kc, const float* vc, float* out, int64_t b,
+template <typename T>
+inline void attend_rows(const AttnShape& s, const float* q, const T* kc, const T* vc, float* out, int64_t b,
                         int64_t g, int64_t l0, int64_t l1, std::vector<float>& scratch) {
   const int64_t rep = s.H / s.Hkv, D = s.D, nv = D / 16;
-  const float* kb = kc + (b * s.Hkv + g) * s.C * D;
-  const float* vb = vc + (b * s.Hkv + g) * s.C * D;
+  const T* kb = kc + (b * s.Hkv + g) * s.C * D;
+  const T* vb = vc + (b * s.Hkv + g) * s.C * D;
 #if defined(__AVX512F__)
   if (D % 64 == 0) {
     for (int64_t l = l0; l < l1; ++l) attend_position(s, q, kc, vc, out, b, g, l, scratch);
@@ -189,11 +196,11 @@ inline void attend_rows(const AttnShape& s, const float* q, const float* kc, con
     const float* qr = q + ((b * s.L + l) * s.H + g * rep) * D;  // rep query heads, contiguous
     // scores
     for (int64_t j = 0; j < S; ++j) {
-      const float* kj = kb + j * D;
+      const T* kj = kb + j * D;
       for (int64_t r = 0; r < rep; ++r) {
         const float* qh = qr + r * D;
-        v16f acc = load16(qh) * load16(kj);
-        for (int64_t c = 1; c < nv; ++c) acc += load16(qh + 16 * c) * load16(kj + 16 * c);
+        v16f acc = load16(qh) * load16w(kj);
+        for (int64_t c = 1; c < nv; ++c) acc += load16(qh + 16 * c) * load16w(kj + 16 * c);
         scratch[r * Sp + j] = hsum16(acc) * s.scale;
       }
     }
@@ -206,12 +213,12 @@ inline void attend_rows(const AttnShape& s, const float* q, const float* kc, con
     }
     // values: out_r += p_r[j] * v[j]
     for (int64_t j = 0; j < S; ++j) {
-      const float* vj = vb + j * D;
+      const T* vj = vb + j * D;
       for (int64_t r = 0; r < rep; ++r) {
         const float p = scratch[r * Sp + j];
         float* o = outr + r * D;
         for (int64_t c = 0; c < nv; ++c) {
-          v16f ov = load16(o + 16 * c) + p * load16(vj + 16 * c);
+          v16f ov = load16(o + 16 * c) + p * load16w(vj + 16 * c);
           std::memcpy(o + 16 * c, &ov, sizeof(ov));
         }
       }
@@ -230,12 +237,13 @@ inline void attend_rows(const AttnShape& s, const float* q, const float* kc, con
 // needs one a score: 34 GFLOP/s on a 512-token prompt, ~3x less). Values: four output rows of 64 values
 // in 16 registers, each value row read once per four query rows. Rows are ordered (l, r): the rep query
 // heads of a position are adjacent, so a group of four shares (nearly) one causal limit.
-inline void attend_block(const AttnShape& s, const float* q, const float* kt, int64_t Sp, const float* vc, float* out,
+template <typename T>
+inline void attend_block(const AttnShape& s, const float* q, const float* kt, int64_t Sp, const T* vc, float* out,
                          int64_t b, int64_t g, int64_t l0, int64_t l1, std::vector<float>& scratch) {
   const int64_t rep = s.H / s.Hkv, D = s.D, R = (l1 - l0) * rep;
   scratch.resize(R * Sp);
   float* sc = scratch.data();
-  const float* vb = vc + (b * s.Hkv + g) * s.C * D;
+  const T* vb = vc + (b * s.Hkv + g) * s.C * D;
   auto at = [&](int64_t i) { return ((b * s.L + l0 + i / rep) * s.H + g * rep + i % rep) * D; };  // row i in q/out
   auto keys = [&](int64_t i) { return s.offset + l0 + i / rep + 1; };  // keys row i sees
   for (int64_t i0 = 0; i0 < R; i0 += 4) {
@@ -273,19 +281,20 @@ inline void attend_block(const AttnShape& s, const float* q, const float* kt, in
 std::atomic<int64_t> g_cache_copies{0};  // how often a cache had to be copied (tests: not while decoding)
 
 struct StridedView {
-  const float* p;
+  const void* p;
   int64_t st[4];
 };
 
-// dst [B, Hkv, C, D] (contiguous) <- a cache of any layout (strides, broadcasts)
-inline void copy_rows(const StridedView& v, float* dst, const AttnShape& s) {
+// dst [B, Hkv, C, D] (contiguous) <- a cache of any layout (strides, broadcasts), elements T
+template <typename T>
+inline void copy_rows(const StridedView& v, T* dst, const AttnShape& s) {
   for (int64_t b = 0; b < s.B; ++b)
     for (int64_t g = 0; g < s.Hkv; ++g)
       for (int64_t c = 0; c < s.C; ++c) {
-        const float* src = v.p + b * v.st[0] + g * v.st[1] + c * v.st[2];
-        float* d = dst + ((b * s.Hkv + g) * s.C + c) * s.D;
+        const T* src = static_cast<const T*>(v.p) + b * v.st[0] + g * v.st[1] + c * v.st[2];
+        T* d = dst + ((b * s.Hkv + g) * s.C + c) * s.D;
         if (v.st[3] == 1)
-          std::memcpy(d, src, s.D * sizeof(float));
+          std::memcpy(d, src, s.D * sizeof(T));
         else
           for (int64_t i = 0; i < s.D; ++i) d[i] = src[i * v.st[3]];
       }
@@ -332,20 +341,24 @@ class CacheWrite : public mx::UnaryPrimitive {
     auto& enc = encoder_for(stream(), inputs, out);
     const auto& st = cache.strides();
     std::optional<StridedView> src;
-    if (copy) src = StridedView{cache.data<float>(), {st[0], st[1], st[2], st[3]}};
-    enc.dispatch([s = s_, base = base_, keys = keys_, xp = qkv.data<float>(), np = norm.data<float>(),
-                  op = out.data<float>(), src]() {
-      if (src) copy_rows(*src, op, s);
-      const int64_t D = s.D, h = D / 2, W = (s.H + 2 * s.Hkv) * D, first = keys ? s.H : s.H + s.Hkv;
-      std::vector<float> cs, sn;
-      if (keys) rope_tables(s, base, cs, sn);
-      for (int64_t b = 0; b < s.B; ++b)
-        for (int64_t l = 0; l < s.L; ++l)
-          for (int64_t g = 0; g < s.Hkv; ++g) {
-            float* d = op + ((b * s.Hkv + g) * s.C + s.offset + l) * D;
-            std::memcpy(d, xp + (b * s.L + l) * W + (first + g) * D, D * sizeof(float));
-            if (keys) norm_rope(d, s.qk_norm ? np : nullptr, s.eps, cs.data() + l * h, sn.data() + l * h, (int)D);
-          }
+    if (copy) src = StridedView{cache.data<void>(), {st[0], st[1], st[2], st[3]}};
+    with_float_type(cache.dtype(), [&](auto* tag) {
+      using T = std::remove_pointer_t<decltype(tag)>;
+      enc.dispatch([s = s_, base = base_, keys = keys_, xp = qkv.data<float>(), np = norm.data<float>(),
+                    op = out.data<T>(), src]() {
+        if (src) copy_rows(*src, op, s);
+        const int64_t D = s.D, h = D / 2, W = (s.H + 2 * s.Hkv) * D, first = keys ? s.H : s.H + s.Hkv;
+        std::vector<float> cs, sn, row(D);
+        if (keys) rope_tables(s, base, cs, sn);
+        for (int64_t b = 0; b < s.B; ++b)
+          for (int64_t l = 0; l < s.L; ++l)
+            for (int64_t g = 0; g < s.Hkv; ++g) {
+              std::memcpy(row.data(), xp + (b * s.L + l) * W + (first + g) * D, D * sizeof(float));
+              if (keys) norm_rope(row.data(), s.qk_norm ? np : nullptr, s.eps, cs.data() + l * h, sn.data() + l * h, (int)D);
+              T* d = op + ((b * s.Hkv + g) * s.C + s.offset + l) * D;  // rounded to the cache's dtype here
+              for (int64_t i = 0; i < D; ++i) d[i] = from_float<T>(row[i]);
+            }
+      });
     });
   }
   void eval_gpu(const std::vector<mx::array>&, mx::array&) override {
@@ -373,46 +386,10 @@ class CachedAttention : public mx::UnaryPrimitive {
     const mx::array& kc = inputs[2];
     const mx::array& vc = inputs[3];
     auto& enc = encoder_with_new_output(stream(), inputs, out);
-    enc.dispatch([s = s_, base = base_, xp = qkv.data<float>(), qnp = qn.data<float>(), kp = kc.data<float>(),
-                  vp = vc.data<float>(), op = out.data<float>()]() {
-      const int64_t D = s.D, h = D / 2, W = (s.H + 2 * s.Hkv) * D;
-      std::vector<float> cs, sn;
-      rope_tables(s, base, cs, sn);
-      std::vector<float> q(s.B * s.L * s.H * D);
-      for (int64_t b = 0; b < s.B; ++b)
-        for (int64_t l = 0; l < s.L; ++l)
-          for (int64_t hh = 0; hh < s.H; ++hh) {
-            float* qd = q.data() + ((b * s.L + l) * s.H + hh) * D;
-            std::memcpy(qd, xp + (b * s.L + l) * W + hh * D, D * sizeof(float));
-            norm_rope(qd, s.qk_norm ? qnp : nullptr, s.eps, cs.data() + l * h, sn.data() + l * h, (int)D);
-          }
-      // prompts (16 rows or more, head_dim a multiple of 64): attend_block on K^T, transposed here
-      const bool blocked = s.L >= 16 && D % 64 == 0;
-      const int64_t Sp = (s.offset + s.L + 15) / 16 * 16;
-      std::vector<float> kt(blocked ? s.B * s.Hkv * D * Sp : 0);
-      if (blocked)
-        pool().run(s.B * s.Hkv, [&](int64_t bg) {
-          const float* src = kp + bg * s.C * D;
-          float* dst = kt.data() + bg * D * Sp;
-          const int64_t S = s.offset + s.L;
-          for (int64_t j0 = 0; j0 < Sp; j0 += 16)
-            for (int64_t d = 0; d < D; ++d)
-              for (int64_t j = j0; j < j0 + 16; ++j) dst[d * Sp + j] = j < S ? src[j * D + d] : 0.f;
-        });
-      // work items (batch, kv head, block of query rows); later rows see more keys: those go first
-      const int64_t blk = blocked ? 16 : s.L >= 64 ? 8 : 1;
-      const int64_t nblk = (s.L + blk - 1) / blk, items = s.B * s.Hkv * nblk;
-      std::function<void(int64_t)> job = [&](int64_t it) {
-        thread_local std::vector<float> scratch;
-        const int64_t i = items - 1 - it;
-        const int64_t lb = i % nblk, g = (i / nblk) % s.Hkv, b = i / (nblk * s.Hkv);
-        const int64_t l0 = lb * blk, l1 = std::min(s.L, (lb + 1) * blk);
-        if (blocked)
-          attend_block(s, q.data(), kt.data() + (b * s.Hkv + g) * D * Sp, Sp, vp, op, b, g, l0, l1, scratch);
-        else
-          attend_rows(s, q.data(), kp, vp, op, b, g, l0, l1, scratch);
-      };
-      pool().run(items, job);
+    with_float_type(kc.dtype(), [&](auto* tag) {
+      using T = std::remove_pointer_t<decltype(tag)>;
+      enc.dispatch([s = s_, base = base_, xp = qkv.data<float>(), qnp = qn.data<float>(), kp = kc.data<T>(),
+                    vp = vc.data<T>(), op = out.data<float>()]() { attend(s, base, xp, qnp, kp, vp, op); });
     });
   }
   void eval_gpu(const std::vector<mx::array>&, mx::array&) override {
@@ -425,6 +402,50 @@ class CachedAttention : public mx::UnaryPrimitive {
   }
 
  private:
+  // q: RMSNorm + RoPE of the new query rows; then every (batch, kv head, block of query rows) on the pool
+  template <typename T>
+  static void attend(const AttnShape& s, float base, const float* xp, const float* qnp, const T* kp, const T* vp,
+                     float* op) {
+    const int64_t D = s.D, h = D / 2, W = (s.H + 2 * s.Hkv) * D;
+    std::vector<float> cs, sn;
+    rope_tables(s, base, cs, sn);
+    std::vector<float> q(s.B * s.L * s.H * D);
+    for (int64_t b = 0; b < s.B; ++b)
+      for (int64_t l = 0; l < s.L; ++l)
+        for (int64_t hh = 0; hh < s.H; ++hh) {
+          float* qd = q.data() + ((b * s.L + l) * s.H + hh) * D;
+          std::memcpy(qd, xp + (b * s.L + l) * W + hh * D, D * sizeof(float));
+          norm_rope(qd, s.qk_norm ? qnp : nullptr, s.eps, cs.data() + l * h, sn.data() + l * h, (int)D);
+        }
+    // prompts (16 rows or more, head_dim a multiple of 64): attend_block on K^T, transposed here
+    const bool blocked = s.L >= 16 && D % 64 == 0;
+    const int64_t Sp = (s.offset + s.L + 15) / 16 * 16;
+    std::vector<float> kt(blocked ? s.B * s.Hkv * D * Sp : 0);
+    if (blocked)
+      pool().run(s.B * s.Hkv, [&](int64_t bg) {
+        const T* src = kp + bg * s.C * D;
+        float* dst = kt.data() + bg * D * Sp;
+        const int64_t S = s.offset + s.L;
+        for (int64_t j0 = 0; j0 < Sp; j0 += 16)
+          for (int64_t d = 0; d < D; ++d)
+            for (int64_t j = j0; j < j0 + 16; ++j) dst[d * Sp + j] = j < S ? to_float(src[j * D + d]) : 0.f;
+      });
+    // work items (batch, kv head, block of query rows); later rows see more keys: those go first
+    const int64_t blk = blocked ? 16 : s.L >= 64 ? 8 : 1;
+    const int64_t nblk = (s.L + blk - 1) / blk, items = s.B * s.Hkv * nblk;
+    std::function<void(int64_t)> job = [&](int64_t it) {
+      thread_local std::vector<float> scratch;
+      const int64_t i = items - 1 - it;
+      const int64_t lb = i % nblk, g = (i / nblk) % s.Hkv, b = i / (nblk * s.Hkv);
+      const int64_t l0 = lb * blk, l1 = std::min(s.L, (lb + 1) * blk);
+      if (blocked)
+        attend_block(s, q.data(), kt.data() + (b * s.Hkv + g) * D * Sp, Sp, vp, op, b, g, l0, l1, scratch);
+      else
+        attend_rows(s, q.data(), kp, vp, op, b, g, l0, l1, scratch);
+    };
+    pool().run(items, job);
+  }
+
   AttnShape s_;
   float base_;
 };
@@ -434,8 +455,9 @@ std::vector<mx::array> cached_attention(const mx::array& qkv, const std::optiona
                            int offset, int n_heads, int n_kv_heads, float rope_base, float eps, float scale, bool owned,
                            mx::StreamOrDevice st_) {
   auto st = cpu_stream(st_);
-  if (qkv.dtype() != mx::float32 || k_cache.dtype() != mx::float32 || v_cache.dtype() != mx::float32)
-    throw std::invalid_argument("cached_attention: qkv and the caches must be float32");
+  const mx::Dtype ct = k_cache.dtype();
+  if (qkv.dtype() != mx::float32 || v_cache.dtype() != ct || (ct != mx::float32 && ct != mx::float16 && ct != mx::bfloat16))
+    throw std::invalid_argument("cached_attention: qkv must be float32 and both caches float32, float16 or bfloat16");
   if (qkv.ndim() != 3 || k_cache.ndim() != 4 || v_cache.shape() != k_cache.shape())
     throw std::invalid_argument("cached_attention: qkv must be [B, L, W] and the caches [B, Hkv, C, D]");
   if (n_heads <= 0 || n_kv_heads <= 0 || n_heads % n_kv_heads != 0 || n_heads / n_kv_heads > 64)
@@ -454,8 +476,8 @@ std::vector<mx::array> cached_attention(const mx::array& qkv, const std::optiona
   if (qn.size() != (size_t)D || kn.size() != (size_t)D)
     throw std::invalid_argument("cached_attention: q_norm and k_norm must have head_dim values");
   mx::array x = c(qkv);
-  mx::array k2(k_cache.shape(), mx::float32, std::make_shared<CacheWrite>(st, s, rope_base, true, owned), {k_cache, x, kn});
-  mx::array v2(v_cache.shape(), mx::float32, std::make_shared<CacheWrite>(st, s, rope_base, false, owned), {v_cache, x, kn});
+  mx::array k2(k_cache.shape(), ct, std::make_shared<CacheWrite>(st, s, rope_base, true, owned), {k_cache, x, kn});
+  mx::array v2(v_cache.shape(), ct, std::make_shared<CacheWrite>(st, s, rope_base, false, owned), {v_cache, x, kn});
   mx::array out({B, L, n_heads * D}, mx::float32, std::make_shared<CachedAttention>(st, s, rope_base), {x, qn, k2, v2});
   return {out, k2, v2};
 }

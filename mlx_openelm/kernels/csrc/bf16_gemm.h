@@ -19,13 +19,6 @@
 // thread that uses it (K * 64 bytes: in L2) and read once per kMR = 6 rows of x. A micro-kernel holds
 // 6 x 32 outputs in 12 registers (plus 12 for a group's partial sums).
 
-inline uint32_t bf16_bits(float f) {  // round to nearest even; NaN stays NaN
-  uint32_t u;
-  std::memcpy(&u, &f, sizeof(u));
-  if ((u & 0x7fffffffu) > 0x7f800000u) return (u >> 16) | 0x40;
-  return (u + 0x7fffu + ((u >> 16) & 1)) >> 16;
-}
-
 // x rounded to bfloat16, kept as float32 (the path without AVX-512 BF16)
 inline void round_to_bf16(const float* x, int64_t n, float* out) {
   for (int64_t i = 0; i < n; ++i) out[i] = to_float(bf16_t{(uint16_t)bf16_bits(x[i])});

@@ -278,6 +278,34 @@ inline float to_float(bf16_t x) {
 }
 inline float to_float(_Float16 x) { return (float)x; }
 
+inline uint32_t bf16_bits(float f) {  // round to nearest even; NaN stays NaN
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof(u));
+  if ((u & 0x7fffffffu) > 0x7f800000u) return (u >> 16) | 0x40;
+  return (u + 0x7fffu + ((u >> 16) & 1)) >> 16;
+}
+
+// x rounded to nearest even in T (as MLX's astype): the KV cache's stores
+template <typename T>
+inline T from_float(float x);
+template <>
+inline float from_float<float>(float x) { return x; }
+template <>
+inline _Float16 from_float<_Float16>(float x) { return (_Float16)x; }
+template <>
+inline bf16_t from_float<bf16_t>(float x) { return bf16_t{(uint16_t)bf16_bits(x)}; }
+
+// f(T*) with p as a pointer of dtype dt's element type (float32, float16 or bfloat16)
+template <typename F>
+inline void with_float_type(mx::Dtype dt, F&& f) {
+  if (dt == mx::float32)
+    f(static_cast<float*>(nullptr));
+  else if (dt == mx::float16)
+    f(static_cast<_Float16*>(nullptr));
+  else
+    f(static_cast<bf16_t*>(nullptr));
+}
+
 // dst[0, n) = src[i0, i0 + n) as float32: float32, bfloat16 or float16 values (exact).
 template <typename T>
 inline void widen(const T* src, int64_t i0, int64_t n, float* dst) {
