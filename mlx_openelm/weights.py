@@ -125,13 +125,15 @@ class ComputePlan:
     """What a stored model becomes in memory: cast to ``dtype`` (None = keep), ``dequantize`` or not;
     ``matrices``: a dtype the weights of linear layers and the embedding keep instead (the CPU kernels
     read float16/bfloat16 matrices with float32 activations), None = they follow ``dtype``; ``affine_kept``:
-    a quantized model's scales and biases keep their stored dtype (the CPU kernels widen them as they read)."""
+    a quantized model's scales and biases keep their stored dtype (the CPU kernels widen them as they read);
+    ``huge_pages``: the parameters move into memory backed by 2 MB pages (``kernels.use_huge_pages``)."""
 
     dtype: Optional[str]
     dequantize: bool
     device: str
     matrices: Optional[str] = None
     affine_kept: bool = False
+    huge_pages: bool = False
 
 
 def cpu_runs_quantized(quantization: Union[bool, Dict[str, Any], None]) -> bool:
@@ -179,7 +181,10 @@ def compute_plan(requested: Optional[str], stored_quantized: Union[bool, Dict[st
 
         matrices = stored_dtype if kernels.available() else None
     affine_kept = bool(requested == "auto" and cpu and stored_quantized and not keep_quantized and keep)
-    return ComputePlan(target, bool(stored_quantized and cpu and not keep), device, matrices, affine_kept)
+    from . import kernels
+
+    return ComputePlan(target, bool(stored_quantized and cpu and not keep), device, matrices, affine_kept,
+                       huge_pages=cpu and kernels.huge_pages_on())
 
 
 def apply_plan(model: nn.Module, plan: ComputePlan) -> nn.Module:
@@ -193,4 +198,8 @@ def apply_plan(model: nn.Module, plan: ComputePlan) -> nn.Module:
             skip |= set(affine_params(model))
         cast_parameters(model, target, skip=skip)
     mx.eval(model.parameters())
+    if plan.huge_pages:
+        from . import kernels
+
+        kernels.use_huge_pages(model)
     return model

@@ -1376,3 +1376,43 @@ def test_bfloat16_prompt_precision_rounds_less_than_a_bfloat16_model_computes(sh
         rounded = f64(ours(ids))
     e_exact, e_rounded, e_gpu = (rel_err(y, ref) for y in (exact, rounded, gpu_like))
     assert e_exact < e_rounded < 0.9 * e_gpu, (e_exact, e_rounded, e_gpu)
+
+
+# ---------------------------------------------------------------- parameters in 2 MB pages
+
+
+@needs_ext
+def test_huge_page_pack_copies_arrays_into_one_aligned_mapping(tmp_path):
+    """huge_page_pack: bitwise copies, the first starting on a 2 MB boundary (after its 64-byte header gap) and
+    each on 64 bytes, in the given order; views and unevaluated arrays come back as they are; the copies work
+    in MLX ops, the kernels and safetensors; the mapping goes when the last copy does."""
+    import gc
+
+    rng = np.random.default_rng(0)
+    w = mx.array(rng.standard_normal((1536, 1000)).astype(np.float32))  # 6 MB
+    h = mx.array(rng.standard_normal((777, 333)).astype(np.float16))  # odd size
+    q = mx.array(rng.integers(0, 2**32, size=(64, 40), dtype=np.uint32))
+    t = mx.array(rng.standard_normal((40, 64)).astype(np.float32))
+    mx.eval(w, h, q, t)
+    view, lazy = t.T, w + 1
+    gc.collect()
+    before = kernels.held_outside_mlx()
+    packed = kernels._lib.huge_page_pack([w, h, q, view, lazy])
+    assert kernels.held_outside_mlx() - before >= w.nbytes + h.nbytes + q.nbytes
+    for a, b in zip([w, h, q, view, lazy], packed):
+        assert a.dtype == b.dtype and a.shape == b.shape and mx.array_equal(a, b).item()
+    addr = [np.array(a, copy=False).ctypes.data for a in packed[:3]]
+    assert addr[0] % (2 << 20) == 64 and all(p % 64 == 0 for p in addr) and addr[0] < addr[1] < addr[2]
+    assert np.array(packed[3], copy=False).ctypes.data != addr[0]  # not in the mapping
+    x = mx.array(rng.standard_normal((1, 1000)).astype(np.float32))
+    assert mx.array_equal(kernels.gemv(x, packed[0]), kernels.gemv(x, w)).item()
+    assert mx.array_equal(packed[1].astype(mx.float32) * 2, h.astype(mx.float32) * 2).item()
+    mx.save_safetensors(str(tmp_path / "p.safetensors"), {"w": packed[0], "q": packed[2]})
+    back = mx.load(str(tmp_path / "p.safetensors"))
+    assert mx.array_equal(back["w"], w).item() and mx.array_equal(back["q"], q).item()
+    first, packed = packed[0], None  # one copy still holds the mapping
+    gc.collect()
+    assert kernels.held_outside_mlx() > before and mx.array_equal(first, w).item()
+    first = None
+    gc.collect()
+    assert kernels.held_outside_mlx() == before

@@ -18,6 +18,7 @@ from mlx.utils import tree_flatten, tree_map
 from conftest import TOKENS, fake_hub_cache, hf_config, logits, max_diff, tiny_args, write_hf_checkpoint
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
+from mlx_openelm import kernels
 from mlx_openelm.io.convert import convert
 from mlx_openelm.io.folder import export_hf, save_model
 from mlx_openelm.io.load import load, load_model, resolve_model_path
@@ -194,3 +195,34 @@ def test_hub_ids_resolve_offline(tmp_path, sp_model_path, hf_checkpoint):
     assert result["converted"] == result["again"] == str(expected)
     assert result["quantized"] == {"group_size": 64, "bits": 4, "mode": "affine"}
     assert max_diff(logits(load_model(expected)), logits(model)) < 1e-5
+
+
+@pytest.mark.skipif(not kernels.available(), reason="CPU kernels not built")
+def test_loading_on_the_cpu_moves_the_parameters_into_huge_page_memory(converted, monkeypatch):
+    """weights.ComputePlan.huge_pages: the parameters, bitwise as loaded without it, now sit outside MLX's
+    allocator in memory advised for 2 MB pages (kernels.use_huge_pages); counted by held_outside_mlx, in the
+    peak memory generation reports, and given back when the model goes; MLX_OPENELM_HUGE_PAGES=0 opts out."""
+    import gc
+
+    from mlx_openelm.generate.stream import stream_generate
+
+    folder, _ = converted
+    gc.collect()
+    before = kernels.held_outside_mlx()
+    monkeypatch.setenv("MLX_OPENELM_HUGE_PAGES", "0")
+    plain = load_model(folder)
+    assert kernels.held_outside_mlx() == before
+    monkeypatch.delenv("MLX_OPENELM_HUGE_PAGES")
+    m, tok = load(folder)
+    params = dict(tree_flatten(m.parameters()))
+    held = kernels.held_outside_mlx() - before
+    assert held >= sum(v.nbytes for v in params.values())
+    for k, v in tree_flatten(plain.parameters()):
+        assert params[k].dtype == v.dtype and mx.array_equal(params[k], v).item(), k
+    assert mx.array_equal(logits(m), logits(plain)).item()
+    assert "advised for 2 MB pages" in kernels.describe()
+    last = list(stream_generate(m, tok, "the cat", max_tokens=3))[-1]
+    assert last.peak_memory * 1e9 >= held  # the parameters are counted
+    del m, params, last
+    gc.collect()
+    assert kernels.held_outside_mlx() == before

@@ -142,11 +142,11 @@ def _on_cpu() -> bool:
 def as_loaded(checkpoint: Model, dtype: str = "auto") -> Model:
     """Our model for ``checkpoint`` as ``io.load.load_model(folder, dtype, keep_quantized=dtype != "auto")``
     makes it from a folder holding ``checkpoint`` (same policy function: ``weights.compute_plan``);
-    ``checkpoint`` itself when nothing changes."""
+    ``checkpoint`` itself (its memory placed by ``weights.apply_plan``) when nothing else changes."""
     plan = compute_plan(dtype, quantization_of(checkpoint) is not None, keep_quantized=dtype != "auto",
                         stored_dtype=float_dtype_of(checkpoint))
     if not plan.dequantize and (plan.dtype is None or plan.dtype == float_dtype_of(checkpoint)):
-        return checkpoint
+        return apply_plan(checkpoint, plan)  # nothing to convert; its memory placed as loading places it
     return apply_plan(share_weights(checkpoint, Model(checkpoint.args)), plan)
 
 

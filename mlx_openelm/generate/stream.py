@@ -11,6 +11,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.models.cache import make_prompt_cache, trim_prompt_cache
 
+from .. import kernels
 from ..tokenizer import Tokenizer
 from .sampling import SamplingConfig
 
@@ -257,13 +258,13 @@ def stream_generate(
         yield GenerationResponse(
             text=detok.last_segment, token=token, logprobs=logprobs, from_draft=from_draft,
             prompt_tokens=len(ids), prompt_tps=prompt_tps, generation_tokens=n,
-            generation_tps=n / max(time.perf_counter() - tic, 1e-9), peak_memory=mx.get_peak_memory() / 1e9,
+            generation_tps=n / max(time.perf_counter() - tic, 1e-9), peak_memory=kernels.peak_memory() / 1e9,
         )
     detok.finalize()
     yield GenerationResponse(
         text=detok.last_segment, token=token, logprobs=logprobs, from_draft=from_draft,
         prompt_tokens=len(ids), prompt_tps=prompt_tps, generation_tokens=n,
-        generation_tps=n / max(time.perf_counter() - tic, 1e-9), peak_memory=mx.get_peak_memory() / 1e9,
+        generation_tps=n / max(time.perf_counter() - tic, 1e-9), peak_memory=kernels.peak_memory() / 1e9,
         finish_reason=finish or "length",
     )
 

@@ -38,6 +38,7 @@ import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten, tree_map, tree_map_with_path, tree_unflatten
 
+from .. import kernels
 from ..utils import sha256_file, write_json, write_text
 
 CHECKPOINTS_DIR = "checkpoints"
@@ -597,7 +598,7 @@ def train(model, loss: LossFn, train_data: BatchSource, val_data: Optional[Batch
             extras = {k: v * scales.get(k, 1.0) for k, v in _scalars(extras_a, count).items()}
             line = {"step": step, "epoch": round(consumed / len(train_data), 4), "tokens": int(tokens), "loss": loss_value,
                     "lr": optimizer.learning_rate.item(), "grad_norm": norm_a.item(), "tokens_per_sec": tokens / seconds,
-                    "peak_memory_gb": mx.get_peak_memory() / 1e9, **extras}
+                    "peak_memory_gb": kernels.peak_memory() / 1e9, **extras}
             log(METRICS_FILE, line)
             log(DATA_ORDER_FILE, {"step": step, "records": records})
             logged["step"] = step

@@ -29,6 +29,8 @@
 #include <vector>
 
 #include <pthread.h>
+#include <sys/mman.h>
+#include <cerrno>
 #if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>
 #endif
@@ -1107,6 +1109,65 @@ mx::array to_float32(const mx::array& w, mx::StreamOrDevice s) {
   return mx::array(w.shape(), mx::float32, std::make_shared<ToFloat>(st), {row_contiguous(w, st)});
 }
 
+// Weights in 2 MB pages. Decoding streams every weight once a token; in 4 KB pages the hardware prefetchers
+// stop at every page boundary and the TLB misses every 4 KB: measured, float16 270M with the 2 MB-aligned
+// interiors of its buffers collapsed into huge pages (69% of the bytes), the products' stream 24.7 -> 29.8 GB/s
+// and decoding +20%. MLX's CPU allocator aligns nothing beyond 16 bytes, and collapsing memory in place
+// (MADV_COLLAPSE) ran at ~190 MB/s here, so huge_page_pack copies arrays instead, one after another (64-byte
+// aligned, in the order given) into one mapping of their own that starts on a 2 MB boundary and is advised for
+// huge pages before it is written: the copy faults it in as 2 MB pages where the kernel has them (THP "always"
+// or "madvise"; else 4 KB pages, as before). Only the mapping's tail short of 2 MB stays in small pages. The
+// mapping goes when the last of its arrays does.
+std::atomic<int64_t> g_huge_bytes{0};  // bytes mapped for packs now (MLX's memory counters do not see them)
+
+struct HugeMapping {
+  char* p;
+  size_t len;
+  ~HugeMapping() {
+    munmap(p, len);
+    g_huge_bytes.fetch_sub((int64_t)len);
+  }
+};
+
+std::vector<mx::array> huge_page_pack(const std::vector<mx::array>& arrays) {
+  constexpr size_t kHuge = size_t(2) << 20, kPage = 4096, kAlign = 64;
+  // each array's data 64-byte aligned with MLX's 8-byte buffer header in the gap before it; arrays not yet
+  // evaluated, or views (strided, broadcast), stay as they are
+  auto packs = [](const mx::array& a) { return a.is_available() && a.flags().row_contiguous && a.data_size() == a.size(); };
+  std::vector<size_t> at;
+  size_t total = 0;
+  for (const auto& a : arrays) {
+    at.push_back(total + kAlign);
+    if (packs(a)) total += kAlign + (a.nbytes() + kAlign - 1) / kAlign * kAlign;
+  }
+  if (total == 0) return arrays;
+  const size_t len = (total + kPage - 1) / kPage * kPage, span = len + kHuge;
+  char* raw = static_cast<char*>(mmap(nullptr, span, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0));
+  if (raw == MAP_FAILED) return arrays;
+  char* base = reinterpret_cast<char*>((reinterpret_cast<uintptr_t>(raw) + kHuge - 1) & ~(uintptr_t)(kHuge - 1));
+  if (base > raw) munmap(raw, base - raw);
+  if (raw + span > base + len) munmap(base + len, raw + span - (base + len));
+  madvise(base, len, MADV_HUGEPAGE);
+  g_huge_bytes.fetch_add((int64_t)len);
+  std::shared_ptr<HugeMapping> mapping(new HugeMapping{base, len});
+  std::vector<mx::array> out;
+  for (size_t i = 0; i < arrays.size(); ++i) {
+    if (!packs(arrays[i])) {
+      out.push_back(arrays[i]);
+      continue;
+    }
+    char* d = base + at[i];
+    // MLX's CPU buffers carry their size in front of the data (Buffer::raw_ptr() skips it): write one, and
+    // check that this MLX reads its buffers that way before handing it the memory
+    *reinterpret_cast<size_t*>(d - sizeof(size_t)) = arrays[i].nbytes();
+    mx::allocator::Buffer buf(d - sizeof(size_t));
+    if (buf.raw_ptr() != d) return arrays;  // (the mapping goes with `mapping`)
+    std::memcpy(d, arrays[i].data<char>(), arrays[i].nbytes());
+    out.emplace_back(mx::allocator::Data(buf, [mapping](mx::allocator::Buffer) {}), arrays[i].shape(), arrays[i].dtype());
+  }
+  return out;
+}
+
 #include "attention.h"
 #include "fused_linear.h"
 #include "bf16_gemm.h"
@@ -1144,6 +1205,9 @@ NB_MODULE(_ext, m) {
   m.def("has_blas", &has_blas, "Whether a cblas_sgemm is visible in the process (for tiled_matmul)");
   m.def("to_float32", &to_float32, "w"_a, nb::kw_only(), "stream"_a = nb::none(),
         "float16/bfloat16 -> float32 on the CPU, multi-threaded");
+  m.def("huge_page_pack", &huge_page_pack, "arrays"_a,
+        "Copies of evaluated row-contiguous arrays, packed into one mapping advised for 2 MB pages");
+  m.def("huge_page_bytes", [] { return g_huge_bytes.load(); }, "Bytes mapped by huge_page_pack now");
   m.def("set_threads", &set_threads, "n"_a, "Threads for the next products (0: one per available core)");
   m.def("num_threads", &num_threads);
   m.def("has_vnni", &has_vnni, "Whether one-row 4-bit products can use AVX-512 VNNI integer dots (built in)");
