@@ -166,8 +166,11 @@ def compute_plan(requested: Optional[str], stored_quantized: Union[bool, Dict[st
     GPU keep the stored dtype and quantization. A named dtype casts every float parameter and keeps quantization unless
     on the CPU without ``keep_quantized`` (nor kernels for it). ``requested=None`` keeps the stored
     format on any device (for rewriting a model, e.g. fuse). ``stored_quantized``: the stored
-    model's ``quantization_of`` (or a bool).
+    model's ``quantization_of`` (or a bool). On the CPU, any dtype, the parameters end in memory backed by
+    2 MB pages where the kernels are built (``huge_pages``; decoding streams them every token).
     """
+    from . import kernels
+
     check_dtype(requested)
     cpu = device_is_cpu() if cpu is None else cpu
     device = "cpu" if cpu else "gpu"
@@ -177,12 +180,8 @@ def compute_plan(requested: Optional[str], stored_quantized: Union[bool, Dict[st
     keep = keep_quantized or cpu_runs_quantized(stored_quantized)
     matrices = None
     if requested == "auto" and cpu and stored_dtype in ("float16", "bfloat16") and not stored_quantized:
-        from . import kernels
-
         matrices = stored_dtype if kernels.available() else None
     affine_kept = bool(requested == "auto" and cpu and stored_quantized and not keep_quantized and keep)
-    from . import kernels
-
     return ComputePlan(target, bool(stored_quantized and cpu and not keep), device, matrices, affine_kept,
                        huge_pages=cpu and kernels.huge_pages_on())
 

@@ -429,7 +429,7 @@ class CachedAttention : public mx::UnaryPrimitive {
         for (int64_t j0 = 0; j0 < Sp; j0 += 16)
           for (int64_t d = 0; d < D; ++d)
             for (int64_t j = j0; j < j0 + 16; ++j) dst[d * Sp + j] = j < S ? to_float(src[j * D + d]) : 0.f;
-      });
+      }, false);
     // work items (batch, kv head, block of query rows); later rows see more keys: those go first
     const int64_t blk = blocked ? 16 : s.L >= 64 ? 8 : 1;
     const int64_t nblk = (s.L + blk - 1) / blk, items = s.B * s.Hkv * nblk;
@@ -443,7 +443,7 @@ class CachedAttention : public mx::UnaryPrimitive {
       else
         attend_rows(s, q.data(), kp, vp, op, b, g, l0, l1, scratch);
     };
-    pool().run(items, job);
+    pool().run(items, job, s.L <= 8);  // decoding (and draft checks): keep the workers spinning
   }
 
   AttnShape s_;

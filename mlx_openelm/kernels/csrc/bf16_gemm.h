@@ -182,7 +182,7 @@ inline void bf16_product(const uint32_t* a, const float* xs, int64_t M, int64_t 
     else
       bf16_rows<false>(a, xs, M, K, 0, P.data(), nullptr, nullptr, 0, c + (n - n0), ldc, valid);
   };
-  pool().run(panels, job);
+  pool().run(panels, job, false);
 }
 
 #else  // no AVX-512 BF16: the dot path never applies (the callers then round x and take the float32 path)
