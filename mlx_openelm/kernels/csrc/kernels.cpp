@@ -304,15 +304,16 @@ inline _Float16 from_float<_Float16>(float x) { return (_Float16)x; }
 template <>
 inline bf16_t from_float<bf16_t>(float x) { return bf16_t{(uint16_t)bf16_bits(x)}; }
 
-// f(T*) with p as a pointer of dtype dt's element type (float32, float16 or bfloat16)
+// f((T*)nullptr) with T the element type of dt (float16, bfloat16, else float32): the one dtype dispatch of
+// the kernels (weights, scales and biases, KV caches)
 template <typename F>
 inline void with_float_type(mx::Dtype dt, F&& f) {
-  if (dt == mx::float32)
-    f(static_cast<float*>(nullptr));
-  else if (dt == mx::float16)
+  if (dt == mx::float16)
     f(static_cast<_Float16*>(nullptr));
-  else
+  else if (dt == mx::bfloat16)
     f(static_cast<bf16_t*>(nullptr));
+  else
+    f(static_cast<float*>(nullptr));
 }
 
 // dst[0, n) = src[i0, i0 + n) as float32: float32, bfloat16 or float16 values (exact).
@@ -327,12 +328,13 @@ inline void widen(const T* src, int64_t i0, int64_t n, float* dst) {
 }
 
 inline void widen(mx::Dtype dt, const void* src, int64_t i0, int64_t n, float* dst) {
-  if (dt == mx::float32)
-    std::memcpy(dst, static_cast<const float*>(src) + i0, n * sizeof(float));
-  else if (dt == mx::bfloat16)
-    widen(static_cast<const bf16_t*>(src), i0, n, dst);
-  else
-    widen(static_cast<const _Float16*>(src), i0, n, dst);
+  with_float_type(dt, [&](auto* tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    if constexpr (std::is_same_v<T, float>)
+      std::memcpy(dst, static_cast<const float*>(src) + i0, n * sizeof(float));
+    else
+      widen(static_cast<const T*>(src), i0, n, dst);
+  });
 }
 
 // A quantized layer's scales and biases (one of each per group of weights) as the model holds them: float32,
@@ -358,12 +360,10 @@ inline bool affine_fits(const mx::array& w, const mx::array& s, const mx::array&
 // f(scales, biases) with the arrays as pointers of their dtype (float, _Float16 or bf16_t).
 template <typename F>
 inline void with_affine(const Affine& a, F&& f) {
-  if (a.dt == mx::float16)
-    f(static_cast<const _Float16*>(a.s), static_cast<const _Float16*>(a.b));
-  else if (a.dt == mx::bfloat16)
-    f(static_cast<const bf16_t*>(a.s), static_cast<const bf16_t*>(a.b));
-  else
-    f(static_cast<const float*>(a.s), static_cast<const float*>(a.b));
+  with_float_type(a.dt, [&](auto* tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    f(static_cast<const T*>(a.s), static_cast<const T*>(a.b));
+  });
 }
 
 // The Affine of a primitive's inputs i (scales) and i + 1 (biases); an empty one for float weights.
@@ -830,12 +830,7 @@ inline void product(const float* x, int64_t M, int64_t K, int64_t N, mx::Dtype w
       add_res(a, b);
     });
   };
-  if (wt == mx::float32)
-    run(static_cast<const float*>(w));
-  else if (wt == mx::bfloat16)
-    run(static_cast<const bf16_t*>(w));
-  else
-    run(static_cast<const _Float16*>(w));
+  with_float_type(wt, [&](auto* tag) { run(static_cast<const std::remove_pointer_t<decltype(tag)>*>(w)); });
 }
 
 // ------------------------------------------------------------------ primitives
