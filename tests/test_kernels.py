@@ -1262,7 +1262,7 @@ needs_blas = pytest.mark.skipif(not (kernels.available() and kernels._lib.has_bl
 def test_many_row_products_widen_tiles_into_blas(fmt):
     """Prompt-sized products of half or 4/8-bit layers (``tiled_matmul``: float32 tiles of the weight into
     cblas_sgemm, no whole-layer copy) equal the float64 product of the stored values; N spans several tiles."""
-    K, N, M = 1280, 2000, 37  # 2000 rows: tiles of 1632 (8 MB of float32), the last one partial
+    K, N, M = 1280, 2000, 37  # 2000 rows: several tiles of 4-8 MB of float32, the last one partial
     lin, W = _layer(fmt, K, N, len(fmt))
     x = mx.array(np.random.default_rng(len(fmt)).standard_normal((1, M, K)).astype(np.float32))
     y = kernels.linear(lin, x)
@@ -1279,7 +1279,7 @@ def test_many_row_products_widen_tiles_into_blas(fmt):
 def test_prompt_swiglu_a_tile_at_a_time_matches_float64(fmt):
     """silu(x Wg^T) * (x Wu^T) of the fused [gate; up] projection, one tile of hidden units at a time (the
     prompt path; the [M, 2H] output never exists whole) against float64 NumPy."""
-    K, H, M = 1280, 1000, 23  # 1000 hidden units: tiles of 816 (2 x 4 MB of float32), the last one partial
+    K, H, M = 1280, 1000, 23  # 1000 hidden units: several tiles (gate and up rows), the last one partial
     lin, W = _layer(fmt, K, 2 * H, 7 + len(fmt))
     x = mx.array(np.random.default_rng(8 + len(fmt)).standard_normal((1, M, K)).astype(np.float32))
     y = kernels.swiglu_product(lin, x)
@@ -1289,6 +1289,46 @@ def test_prompt_swiglu_a_tile_at_a_time_matches_float64(fmt):
     assert kernels.swiglu_product(lin, x[:, :4]) is None  # decode rows take fused_linear instead
     with kernels.no_fusion():
         assert kernels.swiglu_product(lin, x) is None
+
+
+def _blas_threads():
+    """OpenBLAS's thread count (None where the process's BLAS is not OpenBLAS)."""
+    import ctypes
+
+    lib = ctypes.CDLL(None)
+    return lib.openblas_get_num_threads() if hasattr(lib, "openblas_get_num_threads") else None
+
+
+@needs_ext
+@needs_blas
+@pytest.mark.parametrize("fmt", ["float16", "q4"])
+@pytest.mark.parametrize("swiglu", [False, True])
+def test_prompt_tiles_on_the_extension_threads_match_float64(fmt, swiglu):
+    """Prompt tiles claimed by the extension's threads, one single-threaded sgemm each (the default where the
+    BLAS is OpenBLAS), and each tile split by the BLAS's own threads (``no_pooled_tiles``) both equal the float64
+    product; 2 and 3 threads (shares of 4 and 8 tiles, the last partial); OpenBLAS's thread count is restored."""
+    K, N, M = 1280, 2000, 29
+    lin, W = _layer(fmt, K, N, 11 + swiglu)
+    x = mx.array(np.random.default_rng(12).standard_normal((1, M, K)).astype(np.float32))
+    p = f64(x) @ W.T
+    ref = p[..., : N // 2] / (1 + np.exp(-p[..., : N // 2])) * p[..., N // 2:] if swiglu else p
+    run = kernels.swiglu_product if swiglu else kernels.linear
+    before = _blas_threads()
+    try:
+        for threads in (2, 3):
+            kernels.set_threads(threads)
+            y = run(lin, x)
+            mx.eval(y)
+            with kernels.no_pooled_tiles():
+                y_blas = run(lin, x)
+                mx.eval(y_blas)
+                assert "(the BLAS's threads)" in kernels.describe()
+            assert rel_err(y, ref) < 1e-5 and rel_err(y_blas, ref) < 1e-5
+            assert _blas_threads() == before
+            if before is not None:  # OpenBLAS: the pooled tiles ran, and --verbose says so
+                assert "one single-threaded OpenBLAS sgemm per thread" in kernels.describe()
+    finally:
+        kernels.set_threads(0)
 
 
 @needs_ext

@@ -97,6 +97,9 @@ def describe() -> str:
     if _PROMPT_BF16:
         how = "AVX-512 BF16 dots" if _lib.has_bf16_dot() else "float32 products"
         prompts = f"; prompts of bfloat16/4/8-bit layers with bfloat16 inputs ({how})"
+    if _lib.has_blas():
+        how = "one single-threaded OpenBLAS sgemm per thread" if _lib.pooled_tiles() else "the BLAS's threads"
+        prompts += f"; prompt products of half/4/8-bit layers widened a tile at a time into BLAS ({how})"
     held = held_outside_mlx()
     pages = f"; {held / 1e6:.0f} MB of parameters in memory advised for 2 MB pages" if held else ""
     return (f"mlx_openelm CPU kernels: products of <= {MAX_ROWS} rows (float32/bfloat16/float16 or 4/8-bit weights, "
@@ -145,7 +148,8 @@ def disabled():
 
 @contextmanager
 def _switched_off(setter: str):
-    """Within the block, the extension's on/off switch ``setter`` (``set_vnni``, ``set_bf16_dot``) is off."""
+    """Within the block, the extension's on/off switch ``setter`` (``set_vnni``, ``set_bf16_dot``,
+    ``set_pooled_tiles``) is off."""
     lib = _lib
     saved = getattr(lib, setter)(False) if lib is not None else None
     try:
@@ -165,6 +169,13 @@ def no_bf16_dot():
     """Products built within the block with the bfloat16 prompt precision take the path of CPUs without
     AVX-512 BF16 (x rounded to bfloat16, then float32 products): to compare the two in one process."""
     return _switched_off("set_bf16_dot")
+
+
+def no_pooled_tiles():
+    """Within the block, many-row products with half or 4/8-bit weights run each widened tile through one
+    sgemm on the BLAS's own threads instead of one single-threaded sgemm per extension thread (to compare
+    the two in one process); read as a product runs, so evaluate inside the block."""
+    return _switched_off("set_pooled_tiles")
 
 
 def set_threads(n: int) -> None:

@@ -21,6 +21,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <functional>
+#include <memory>
 #include <mutex>
 #include <sstream>
 #include <stdexcept>
@@ -70,7 +71,7 @@ int spin_micros() {
 class Pool {
  public:
   explicit Pool(int n) : n_(std::max(1, n)) {
-    for (int i = 1; i < n_; ++i) workers_.emplace_back([this] { loop(); });
+    for (int i = 1; i < n_; ++i) workers_.emplace_back([this, i] { loop(i); });
   }
   ~Pool() {
     {
@@ -89,8 +90,14 @@ class Pool {
   // leave the cores to OpenBLAS's threads, which run the prompt's other products (512-token prefill,
   // medians of 5-6 alternating processes: float16 310.5 -> 318.4, 4-bit 465 -> 503, bfloat16 545 -> 548 tok/s).
   void run(int64_t nchunks, const std::function<void(int64_t)>& f, bool linger = true) {
+    run_indexed(nchunks, [&f](int64_t c, int) { f(c); }, linger);
+  }
+
+  // The same with f(c, t): t in [0, size()) names the thread running chunk c (0: the caller), so a job can
+  // keep one scratch buffer per thread.
+  void run_indexed(int64_t nchunks, const std::function<void(int64_t, int)>& f, bool linger = true) {
     if (n_ == 1 || nchunks <= 1) {
-      for (int64_t c = 0; c < nchunks; ++c) f(c);
+      for (int64_t c = 0; c < nchunks; ++c) f(c, 0);
       return;
     }
     nchunks = std::min<int64_t>(nchunks, 0xffff);
@@ -105,7 +112,7 @@ class Pool {
       wake_.fetch_add(1, std::memory_order_release);
     }
     cv_.notify_all();
-    work(gen);
+    work(gen, 0);
     int spins = 0;
     while (done_.load(std::memory_order_acquire) != nchunks) {
       pause();
@@ -122,19 +129,19 @@ class Pool {
 #endif
   }
 
-  void work(uint64_t gen) {
+  void work(uint64_t gen, int tid) {
     for (;;) {
       uint64_t s = state_.load(std::memory_order_acquire);
       if ((s >> 32) != gen) return;
       uint64_t total = (s >> 16) & 0xffff, next = s & 0xffff;
       if (next >= total) return;
       if (!state_.compare_exchange_weak(s, s + 1, std::memory_order_acq_rel)) continue;
-      (*job_)((int64_t)next);  // valid: the caller waits for this chunk before the next job
+      (*job_)((int64_t)next, tid);  // valid: the caller waits for this chunk before the next job
       done_.fetch_add(1, std::memory_order_acq_rel);
     }
   }
 
-  void loop() {
+  void loop(int tid) {
     uint64_t seen = 0;
     for (;;) {
       // Spin briefly (a decode step's products follow each other within microseconds), then sleep.
@@ -158,7 +165,7 @@ class Pool {
         std::lock_guard<std::mutex> lk(mu_);
         if (stop_) return;
       }
-      work(state_.load(std::memory_order_acquire) >> 32);
+      work(state_.load(std::memory_order_acquire) >> 32, tid);
     }
   }
 
@@ -170,7 +177,7 @@ class Pool {
   std::atomic<int64_t> done_{0};
   std::atomic<bool> linger_{true};
   uint64_t gen_ = 0;
-  const std::function<void(int64_t)>* job_ = nullptr;
+  const std::function<void(int64_t, int)>* job_ = nullptr;
   bool stop_ = false;
 };
 
@@ -1215,6 +1222,11 @@ NB_MODULE(_ext, m) {
   m.def("has_bf16_dot", &has_bf16_dot, "Whether bfloat16-input prompt products use AVX-512 BF16 dots (built in)");
   m.def("set_bf16_dot", &set_bf16_dot, "on"_a,
         "Use the AVX-512 BF16 dots where they apply (default on; off: rounded x, float32 path); returns the previous setting");
+  m.def("set_pooled_tiles", &set_pooled_tiles, "on"_a,
+        "Prompt tiles on the extension's threads, one single-threaded OpenBLAS sgemm each (default on where the "
+        "BLAS is OpenBLAS; off: each tile split by the BLAS's own threads); read as a product runs; returns the "
+        "previous setting");
+  m.def("pooled_tiles", &pooled_tiles_apply, "Whether prompt tiles run now as one single-threaded sgemm per extension thread");
   m.def("has_blas", &has_blas, "Whether a cblas_sgemm is visible in the process (for tiled_matmul)");
   m.def("to_float32", &to_float32, "w"_a, nb::kw_only(), "stream"_a = nb::none(),
         "float16/bfloat16 -> float32 on the CPU, multi-threaded");
