@@ -1333,6 +1333,30 @@ def test_prompt_tiles_on_the_extension_threads_match_float64(fmt, swiglu):
 
 @needs_ext
 @needs_blas
+@pytest.mark.skipif(_blas_threads() is None, reason="pooled prompt tiles need OpenBLAS")
+def test_float32_prompt_products_on_the_extension_threads_train_like_matmul():
+    """Many-row products of a float32 layer run as pooled tiles reading W in place (the weights' gradient too:
+    full fine-tuning goes through them): value and both gradients against float64; with the pooled tiles off
+    the layer's own matmul runs instead."""
+    K, N, M = 320, 700, 21
+    lin, W = _layer("float32", K, N, 21)
+    x = mx.array(np.random.default_rng(22).standard_normal((2, M, K)).astype(np.float32))
+    c = np.random.default_rng(23).standard_normal((2, M, N))
+    loss = lambda a: (kernels.linear(lin, a) * mx.array(c.astype(np.float32))).sum()  # noqa: E731
+    assert kernels.product(lin, x) is not None
+    with kernels.no_pooled_tiles():
+        assert kernels.product(lin, x) is None
+    value, grads = nn.value_and_grad(lin, loss)(x)
+    gx = mx.grad(loss)(x)
+    xd = f64(x)
+    assert rel_err(kernels.linear(lin, x), xd @ W.T) < 1e-6
+    assert abs(float(value) - float((xd @ W.T * c).sum())) < 1e-5 * np.abs(xd @ W.T * c).sum()
+    assert rel_err(grads["weight"], np.einsum("bmn,bmk->nk", c, xd)) < 1e-6
+    assert rel_err(gx, c @ W) < 1e-6
+
+
+@needs_ext
+@needs_blas
 @pytest.mark.parametrize("fmt,M,K,N", [(f, *s) for f in ("bfloat16", "q4", "q8")
                                         for s in ((37, 1280, 2000), (9, 96, 45), (14, 64, 33))] + [("bfloat16", 13, 80, 40)])
 def test_bfloat16_prompt_precision_is_the_exact_product_of_rounded_x(fmt, M, K, N):

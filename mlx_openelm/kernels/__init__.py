@@ -332,6 +332,8 @@ def product(m: nn.Module, x: mx.array) -> Optional[mx.array]:
             if _lib.has_blas():
                 return _lib.tiled_matmul(x, m.weight, None, None, 0, 0, bf16_inputs=_PROMPT_BF16)
             return x @ _lib.to_float32(m.weight).T
+        if _lib.has_blas() and _lib.pooled_tiles():  # float32: its tiles on the extension's threads too
+            return _lib.tiled_matmul(x, m.weight, None, None, 0, 0)
         return None
     if t in (nn.QuantizedLinear, nn.QuantizedEmbedding):
         if small:

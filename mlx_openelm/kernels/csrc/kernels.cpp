@@ -1214,7 +1214,8 @@ NB_MODULE(_ext, m) {
         "prologue(x) @ w.T (+ residual) for <= 8 rows on the CPU; prologue none, rms_norm or swiglu");
   m.def("tiled_matmul", &tiled_matmul, "x"_a, "w"_a, "scales"_a.none(), "biases"_a.none(), "group_size"_a, "bits"_a,
         nb::kw_only(), "bf16_inputs"_a = false, "stream"_a = nb::none(),
-        "x @ w.T for many rows: half or 4/8-bit w widened a tile at a time into the process's cblas_sgemm; "
+        "x @ w.T for many rows: half or 4/8-bit w widened a tile at a time into the process's cblas_sgemm (float32 w "
+        "read in place); "
         "bf16_inputs: x rounded to bfloat16 (bfloat16/4/8-bit w; AVX-512 BF16 dots where built)");
   m.def("tiled_swiglu", &tiled_swiglu, "x"_a, "w"_a, "scales"_a.none(), "biases"_a.none(), "group_size"_a, "bits"_a,
         nb::kw_only(), "bf16_inputs"_a = false, "stream"_a = nb::none(),

@@ -102,14 +102,20 @@ inline void pooled_tiles(const float* xf, int64_t M, int64_t K, int64_t N, mx::D
   tiles = (tiles + nt - 1) / nt * nt;
   const int64_t T = ((cols + tiles - 1) / tiles + 15) / 16 * 16;
   tiles = (cols + T - 1) / T;
+  const bool in_place = !bits && !swiglu && wt == mx::float32;
   std::vector<std::unique_ptr<Scratch>> buf(nt), tmp(nt);
-  for (int t = 0; t < std::min<int64_t>(nt, tiles); ++t) {
+  for (int t = 0; t < (in_place ? 0 : std::min<int64_t>(nt, tiles)); ++t) {
     buf[t] = std::make_unique<Scratch>(per * T * K);
     if (swiglu) tmp[t] = std::make_unique<Scratch>(M * 2 * T);
   }
   BlasOneThread one;
   p.run_indexed(tiles, [&](int64_t c, int t) {
     const int64_t h0 = c * T, h1 = std::min(cols, h0 + T), n = h1 - h0;
+    if (in_place) {  // float32 W: its rows as they are
+      blas_sgemm()(kRowMajor, kNoTrans, kTrans, (int)M, (int)n, (int)K, 1.0f, xf, (int)K,
+                   static_cast<const float*>(wp) + h0 * K, (int)K, 0.0f, op + h0, (int)N);
+      return;
+    }
     float* b = buf[t]->data();
     widen_rows(wt, wp, qa, bits, gs, K, h0, h1, b);
     if (!swiglu) {
@@ -173,6 +179,11 @@ class TiledMatmul : public mx::UnaryPrimitive {
           pooled_tiles(xf, M, K, N, wt, wp, qa, bits, gs, swiglu, op);
           return;
         }
+        if (!bits && !swiglu && wt == mx::float32) {  // float32 W: one sgemm on the BLAS's threads
+          blas_sgemm()(kRowMajor, kNoTrans, kTrans, (int)M, (int)N, (int)K, 1.0f, xf, (int)K,
+                       static_cast<const float*>(wp), (int)K, 0.0f, op, (int)N);
+          return;
+        }
         buf.emplace((swiglu ? 2 : 1) * T * K);
       }
       // dst[m, j] (row stride ldc) = x row m times W row n0 + j, j in [0, n1 - n0)
@@ -218,11 +229,25 @@ class TiledMatmul : public mx::UnaryPrimitive {
   }
   std::vector<mx::array> vjp(const std::vector<mx::array>& primals, const std::vector<mx::array>& cotangents,
                              const std::vector<int>& argnums, const std::vector<mx::array>&) override {
-    // d/dx only (the weights are frozen): cotangent @ W, W widened by MLX
+    // d/dx = cotangent @ W (half or 4/8-bit W widened by this extension); d/dW = cotangent^T @ x for a
+    // float32 W only (half and quantized weights are frozen bases)
     if (swiglu_) throw std::invalid_argument("tiled_swiglu: inference only (no gradient)");
-    for (int a : argnums)
-      if (a != 0) throw std::invalid_argument("tiled_matmul: no gradient with respect to the weights");
-    return {mx::matmul(cotangents[0], widened(primals, bits_, gs_, stream()), stream())};
+    const mx::array& x = primals[0];
+    const mx::array& w = primals[1];
+    const bool f32 = !bits_ && w.dtype() == mx::float32;
+    std::vector<mx::array> grads;
+    for (int a : argnums) {
+      if (a == 0) {
+        grads.push_back(mx::matmul(cotangents[0], f32 ? w : widened(primals, bits_, gs_, stream()), stream()));
+      } else if (a == 1 && f32) {
+        const int N = w.shape(0), K = w.shape(1);
+        mx::array c2 = mx::reshape(cotangents[0], {-1, N}, stream());
+        grads.push_back(mx::matmul(mx::transpose(c2, stream()), mx::reshape(x, {-1, K}, stream()), stream()));
+      } else {
+        throw std::invalid_argument("tiled_matmul: no gradient with respect to half or 4/8-bit weights");
+      }
+    }
+    return grads;
   }
   const char* name() const override { return "OpenELMTiledMatmul"; }
   bool is_equivalent(const mx::Primitive& other) const override {
@@ -268,8 +293,8 @@ mx::array tiled(const mx::array& x, const mx::array& w, const std::optional<mx::
                                   "(float32, float16 or bfloat16 alike)");
     in.push_back(c(*scales));
     in.push_back(c(*biases));
-  } else if (w.dtype() != mx::bfloat16 && w.dtype() != mx::float16 && !(swiglu && w.dtype() == mx::float32)) {
-    throw std::invalid_argument("tiled products: w must be bfloat16 or float16 (or 4/8-bit; SwiGLU also float32)");
+  } else if (w.dtype() != mx::bfloat16 && w.dtype() != mx::float16 && w.dtype() != mx::float32) {
+    throw std::invalid_argument("tiled products: w must be float32, bfloat16 or float16 (or 4/8-bit)");
   }
   return mx::array(out_shape(x, w.shape(0) / (swiglu ? 2 : 1)), mx::float32,
                    std::make_shared<TiledMatmul>(st, bits, group_size, swiglu, bf16_inputs,
