@@ -83,6 +83,18 @@ class Scratch {
   mx::allocator::Data data_;
 };
 
+// o[j] = silu(g[j]) * u[j] = g / (1 + exp(-g)) * u, 16 at a time (exp16: relative error < 2e-7; libm's expf
+// one value at a time was ~1.2% of a float16 prefill)
+inline void silu_mul(const float* g, const float* u, float* o, int64_t n) {
+  int64_t j = 0;
+  for (; j + 16 <= n; j += 16) {
+    const v16f a = load16(g + j);
+    const v16f r = a / (1.0f + exp16(-a)) * load16(u + j);
+    std::memcpy(o + j, &r, sizeof(r));
+  }
+  for (; j < n; ++j) o[j] = g[j] / (1.0f + std::exp(-g[j])) * u[j];
+}
+
 // x [M, K] @ W^T by tiles of W's rows claimed by the pool's threads: each widens its tile into its own
 // buffer and runs one single-threaded sgemm on it (SwiGLU: a tile of hidden units, its gate and up rows side
 // by side, then silu(g) * u into op [M, N / 2]). Against one sgemm per tile on OpenBLAS's threads this also
@@ -127,11 +139,7 @@ inline void pooled_tiles(const float* xf, int64_t M, int64_t K, int64_t N, mx::D
     float* g = tmp[t]->data();
     blas_sgemm()(kRowMajor, kNoTrans, kTrans, (int)M, (int)(2 * n), (int)K, 1.0f, xf, (int)K, b, (int)K, 0.0f, g,
                  (int)(2 * n));
-    for (int64_t m = 0; m < M; ++m) {
-      const float* gm = g + m * 2 * n;
-      float* o = op + m * cols + h0;
-      for (int64_t j = 0; j < n; ++j) o[j] = gm[j] / (1.0f + std::exp(-gm[j])) * gm[n + j];
-    }
+    for (int64_t m = 0; m < M; ++m) silu_mul(g + m * 2 * n, g + m * 2 * n + n, op + m * cols + h0, n);
   }, false);
 }
 
@@ -216,11 +224,7 @@ class TiledMatmul : public mx::UnaryPrimitive {
           blas_sgemm()(kRowMajor, kNoTrans, kTrans, (int)M, (int)(2 * t), (int)K, 1.0f, xf, (int)K, buf->data(),
                        (int)K, 0.0f, tmp.data(), (int)(2 * t));
         }
-        for (int64_t m = 0; m < M; ++m) {
-          const float* g = tmp.data() + m * 2 * t;
-          float* o = op + m * H + h0;
-          for (int64_t j = 0; j < t; ++j) o[j] = g[j] / (1.0f + std::exp(-g[j])) * g[t + j];
-        }
+        for (int64_t m = 0; m < M; ++m) silu_mul(tmp.data() + m * 2 * t, tmp.data() + m * 2 * t + t, op + m * H + h0, t);
       }
     });
   }
