@@ -1317,18 +1317,42 @@ def test_prompt_tiles_on_the_extension_threads_match_float64(fmt, swiglu):
     try:
         for threads in (2, 3):
             kernels.set_threads(threads)
-            y = run(lin, x)
-            mx.eval(y)
-            with kernels.no_pooled_tiles():
-                y_blas = run(lin, x)
-                mx.eval(y_blas)
-                assert "(the BLAS's threads)" in kernels.describe()
-            assert rel_err(y, ref) < 1e-5 and rel_err(y_blas, ref) < 1e-5
+            y_panel = run(lin, x)  # the AVX-512 panel kernel where built
+            mx.eval(y_panel)
+            with kernels.no_f32_panel():
+                y = run(lin, x)
+                mx.eval(y)
+                with kernels.no_pooled_tiles():
+                    y_blas = run(lin, x)
+                    mx.eval(y_blas)
+                    assert "(the BLAS's threads)" in kernels.describe()
+                if before is not None:  # OpenBLAS: the pooled tiles ran, and --verbose says so
+                    assert "widened a tile at a time into BLAS (one single-threaded" in kernels.describe()
+            assert rel_err(y_panel, ref) < 1e-5 and rel_err(y, ref) < 1e-5 and rel_err(y_blas, ref) < 1e-5
             assert _blas_threads() == before
-            if before is not None:  # OpenBLAS: the pooled tiles ran, and --verbose says so
-                assert "one single-threaded OpenBLAS sgemm per thread" in kernels.describe()
     finally:
         kernels.set_threads(0)
+
+
+@needs_ext
+@needs_blas
+@pytest.mark.skipif(not (kernels.available() and kernels._lib.has_f32_panel()), reason="no AVX-512 panel kernel")
+@pytest.mark.parametrize("fmt,K", [("float16", 80), ("float16", 1280), ("bfloat16", 96), ("q4", 128), ("q8", 64)])
+def test_f32_panel_kernel_matches_float64_for_every_row_and_column_remainder(fmt, K):
+    """The AVX-512 panel kernel (half and 4/8-bit weights, float32 x: blocks of 6 rows, panels of 32 columns)
+    against float64 for M = 1..13 (every remainder after blocks of 6) and N = 33 / 64 / 75 (partial and whole
+    panels); K = 80 / 96: not a multiple of 32 (the panel transposes 16 values at a time); SwiGLU too."""
+    assert "into AVX-512 FMA kernels" in kernels.describe()
+    for N in (33, 64, 75):
+        lin, W = _layer(fmt, K, 2 * N, K + N)
+        q = (lin.scales, lin.biases, lin.group_size, lin.bits) if fmt.startswith("q") else (None, None, 0, 0)
+        for M in range(1, 14):
+            x = mx.array(np.random.default_rng(M).standard_normal((M, K)).astype(np.float32))
+            p = f64(x) @ W.T
+            y = kernels._lib.tiled_matmul(x, lin.weight, *q)
+            s = kernels._lib.tiled_swiglu(x, lin.weight, *q)
+            assert y.shape == (M, 2 * N) and rel_err(y, p) < 1e-5, (N, M)
+            assert rel_err(s, p[:, :N] / (1 + np.exp(-p[:, :N])) * p[:, N:]) < 1e-5, (N, M)
 
 
 @needs_ext

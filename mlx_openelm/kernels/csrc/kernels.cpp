@@ -1191,6 +1191,7 @@ std::vector<mx::array> huge_page_pack(const std::vector<mx::array>& arrays) {
 #include "attention.h"
 #include "fused_linear.h"
 #include "bf16_gemm.h"
+#include "f32_panel.h"
 #include "tiled_matmul.h"
 
 }  // namespace
@@ -1227,6 +1228,10 @@ NB_MODULE(_ext, m) {
         "Prompt tiles on the extension's threads, one single-threaded OpenBLAS sgemm each (default on where the "
         "BLAS is OpenBLAS; off: each tile split by the BLAS's own threads); read as a product runs; returns the "
         "previous setting");
+  m.def("set_f32_panel", &set_f32_panel, "on"_a,
+        "Prompt products of half/4/8-bit weights with float32 inputs by the extension's AVX-512 panel kernel (default "
+        "on where built; off: widened tiles into sgemm); read as a product runs; returns the previous setting");
+  m.def("has_f32_panel", &has_f32_panel, "Whether the AVX-512 float32 panel kernel is built in");
   m.def("pooled_tiles", &pooled_tiles_apply, "Whether prompt tiles run now as one single-threaded sgemm per extension thread");
   m.def("has_blas", &has_blas, "Whether a cblas_sgemm is visible in the process (for tiled_matmul)");
   m.def("to_float32", &to_float32, "w"_a, nb::kw_only(), "stream"_a = nb::none(),
