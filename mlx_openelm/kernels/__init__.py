@@ -14,8 +14,12 @@ dispatch than to compute. ``_ext`` (built from ``csrc/`` by ``pip install -e .``
 - ``fused_linear``: the same with an RMSNorm or SwiGLU prologue and a residual add, so a decoder layer
   is five nodes (``model.TransformerBlock._decode``);
 - ``cached_attention``: q/k RMSNorm, RoPE, the KV-cache write and causal GQA attention;
-- ``tiled_matmul`` / ``tiled_swiglu``: prompt-sized products of half or 4/8-bit layers, the weight
-  widened a tile at a time into the process's ``cblas_sgemm``; ``to_float32``, ``dequantize``. With
+- ``tiled_matmul`` / ``tiled_swiglu``: prompt-sized products. Half and 4/8-bit layers: where the CPU has
+  AVX-512, the extension's own FMA kernel, the weight widened a panel of 32 rows at a time straight into
+  the layout it reads (``csrc/f32_panel.h``); else widened a tile at a time into the process's
+  ``cblas_sgemm``. Float32 layers: ``cblas_sgemm`` on the weight in place. With OpenBLAS the tiles run on
+  the extension's threads, one single-threaded sgemm each (``no_pooled_tiles`` / ``no_f32_panel`` switch
+  these off for comparisons); ``to_float32``, ``dequantize``. With
   ``prompt_precision("bfloat16")`` the prompt products of bfloat16 and 4/8-bit layers take x rounded to
   bfloat16 (as the model computes on a GPU, and llama.cpp on a CPU) and, where the CPU has AVX-512 BF16,
   run as bfloat16 dot products at twice the float32 rate (``csrc/bf16_gemm.h``); float32 sums throughout.
