@@ -104,7 +104,7 @@ def describe() -> str:
     if _lib.has_blas():
         how = "one single-threaded OpenBLAS sgemm per thread" if _lib.pooled_tiles() else "the BLAS's threads"
         prompts += f"; prompt products: float32 layers by BLAS tiles ({how}), half/4/8-bit layers "
-        prompts += ("widened a panel at a time into AVX-512 FMA kernels" if _lib.has_f32_panel() and _f32_panel_on()
+        prompts += ("widened a panel at a time into AVX-512 FMA kernels" if _lib.f32_panel_on()
                     else f"widened a tile at a time into BLAS ({how})")
     held = held_outside_mlx()
     pages = f"; {held / 1e6:.0f} MB of parameters in memory advised for 2 MB pages" if held else ""
@@ -175,12 +175,6 @@ def no_bf16_dot():
     """Products built within the block with the bfloat16 prompt precision take the path of CPUs without
     AVX-512 BF16 (x rounded to bfloat16, then float32 products): to compare the two in one process."""
     return _switched_off("set_bf16_dot")
-
-
-def _f32_panel_on() -> bool:
-    on = _lib.set_f32_panel(False)  # read the switch (the extension exposes it only as a setter)
-    _lib.set_f32_panel(on)
-    return on
 
 
 def no_f32_panel():

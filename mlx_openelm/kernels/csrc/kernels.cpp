@@ -1232,6 +1232,7 @@ NB_MODULE(_ext, m) {
         "Prompt products of half/4/8-bit weights with float32 inputs by the extension's AVX-512 panel kernel (default "
         "on where built; off: widened tiles into sgemm); read as a product runs; returns the previous setting");
   m.def("has_f32_panel", &has_f32_panel, "Whether the AVX-512 float32 panel kernel is built in");
+  m.def("f32_panel_on", [] { return has_f32_panel() && g_f32_panel.load(); }, "Whether the panel kernel runs now");
   m.def("pooled_tiles", &pooled_tiles_apply, "Whether prompt tiles run now as one single-threaded sgemm per extension thread");
   m.def("has_blas", &has_blas, "Whether a cblas_sgemm is visible in the process (for tiled_matmul)");
   m.def("to_float32", &to_float32, "w"_a, nb::kw_only(), "stream"_a = nb::none(),
