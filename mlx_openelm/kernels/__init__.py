@@ -102,8 +102,10 @@ def describe() -> str:
         how = "AVX-512 BF16 dots" if _lib.has_bf16_dot() else "float32 products"
         prompts = f"; prompts of bfloat16/4/8-bit layers with bfloat16 inputs ({how})"
     if _lib.has_blas():
-        how = "one single-threaded OpenBLAS sgemm per thread" if _lib.pooled_tiles() else "the BLAS's threads"
-        prompts += f"; prompt products: float32 layers by BLAS tiles ({how}), half/4/8-bit layers "
+        pooled = _lib.pooled_tiles()
+        how = "one single-threaded OpenBLAS sgemm per thread" if pooled else "the BLAS's threads"
+        f32 = f"BLAS tiles ({how})" if pooled else "MLX's matmul"  # as product() routes them
+        prompts += f"; prompt products: float32 layers by {f32}, half/4/8-bit layers "
         prompts += ("widened a panel at a time into AVX-512 FMA kernels" if _lib.f32_panel_on()
                     else f"widened a tile at a time into BLAS ({how})")
     held = held_outside_mlx()

@@ -87,8 +87,10 @@ class Pool {
   // Run f(c) for every chunk c in [0, nchunks), on the caller and the workers. `linger`: the workers spin
   // for the next job afterwards (decoding: products follow each other within microseconds; sleeping at
   // once there cost ~15%, float16 270M 55.2 -> 47.1 tok/s) or, after a prompt's jobs, sleep at once and
-  // leave the cores to OpenBLAS's threads, which run the prompt's other products (512-token prefill,
-  // medians of 5-6 alternating processes: float16 310.5 -> 318.4, 4-bit 465 -> 503, bfloat16 545 -> 548 tok/s).
+  // leave the cores to MLX's ops between them (and to OpenBLAS's threads where a prompt product still uses
+  // them). 512-token prefill, medians of 5-6 alternating processes, when OpenBLAS's threads ran the prompt
+  // products: float16 310.5 -> 318.4, 4-bit 465 -> 503, bfloat16 545 -> 548 tok/s; with the products on
+  // this pool, spinning after them instead: float16 323.9 -> 315.4 (6 rounds), so they still sleep.
   void run(int64_t nchunks, const std::function<void(int64_t)>& f, bool linger = true) {
     run_indexed(nchunks, [&f](int64_t c, int) { f(c); }, linger);
   }

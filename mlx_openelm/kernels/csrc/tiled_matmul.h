@@ -3,7 +3,7 @@
 // float32 a tile of rows at a time (kTileBytes: it stays in the L3 cache) and each tile goes to the process's
 // cblas_sgemm (found with dlsym: the OpenBLAS mlx_openelm preloads globally, else whatever BLAS MLX
 // itself resolved), writing its columns of the output. With OpenBLAS and more than one thread the tiles are
-// shared out over the extension's pool, one single-threaded sgemm each (pooled_tiles). Where the CPU has
+// shared out over the extension's pool, one single-threaded sgemm each (widened_tiles). Where the CPU has
 // AVX-512 half and 4/8-bit weights take f32_panel.h's own kernel instead (panels of 32 rows widened straight
 // into the layout it reads; no copy for sgemm to pack again). Against dequantizing whole layers first this
 // holds no float32 copy of a layer (the transient that made a 4-bit model's prompt peak at twice its
@@ -97,33 +97,34 @@ inline void silu_mul(const float* g, const float* u, float* o, int64_t n) {
   for (; j < n; ++j) o[j] = g[j] / (1.0f + std::exp(-g[j])) * u[j];
 }
 
-// x [M, K] @ W^T by tiles of W's rows claimed by the pool's threads: each widens its tile into its own
-// buffer and runs one single-threaded sgemm on it (SwiGLU: a tile of hidden units, its gate and up rows side
-// by side, then silu(g) * u into op [M, N / 2]). Against one sgemm per tile on OpenBLAS's threads this also
-// widens on every core and leaves no OpenBLAS thread spinning beside ours (involuntary context switches per
-// 512-token prefill: 170-1362 -> 70-194). 512-token prefill of a 270M model, medians of 8-10 interleaved
-// rounds in one process: float16 311.1 -> 326.5 tok/s (paired 1.049), 4-bit with float32 prompt precision
-// 317.3 -> 339.0 (1.072), float32 (its SwiGLU products) 283.7 -> 295.8 (1.055). Shares of 1 / 2 / 4 / 8 MB a
-// thread: 301 / 315 / 329 / 312 tok/s (float16, alternating processes).
-inline void pooled_tiles(const float* xf, int64_t M, int64_t K, int64_t N, mx::Dtype wt, const void* wp,
-                         const Affine& qa, int bits, int gs, bool swiglu, float* op) {
+// x [M, K] @ W^T a tile of W's rows at a time, each widened to float32 (float32 W: read in place) and given to one
+// cblas_sgemm (SwiGLU: a tile of hidden units, its gate and up rows side by side, then silu(g) * u into
+// op [M, N / 2], so the [M, N] projection output is never held whole). `pooled`: the tiles are claimed by the
+// pool's threads, each widening into its own buffer and running a single-threaded sgemm, else they run in turn
+// on the BLAS's own threads. Pooled, this also widens on every core and leaves no OpenBLAS thread spinning beside
+// ours (involuntary context switches per 512-token prefill: 170-1362 -> 70-194). 512-token prefill of a 270M
+// model, medians of 8-10 interleaved rounds in one process: float16 311.1 -> 326.5 tok/s (paired 1.049), 4-bit
+// with float32 prompt precision 317.3 -> 339.0 (1.072), float32 (its SwiGLU products) 283.7 -> 295.8 (1.055).
+// Shares of 1 / 2 / 4 / 8 MB a thread: 301 / 315 / 329 / 312 tok/s (float16, alternating processes).
+inline void widened_tiles(const float* xf, int64_t M, int64_t K, int64_t N, mx::Dtype wt, const void* wp,
+                          const Affine& qa, int bits, int gs, bool swiglu, float* op, bool pooled) {
   Pool& p = pool();
-  const int nt = p.size();
+  const int nt = pooled ? p.size() : 1;
   const int64_t cols = swiglu ? N / 2 : N, per = swiglu ? 2 : 1;  // output columns; W rows per column
-  // a multiple of nt tiles (even shares), each at most kTileBytes / nt of float32 weights
+  const bool in_place = !bits && !swiglu && wt == mx::float32;
+  // a multiple of nt tiles (even shares), each at most kTileBytes / nt of float32 weights (float32 W on the
+  // BLAS's threads: one sgemm on all of it)
   const int64_t share = std::max<int64_t>(1, kTileBytes / nt);
-  int64_t tiles = std::max<int64_t>(1, (cols * per * K * 4 + share - 1) / share);
+  int64_t tiles = in_place && !pooled ? 1 : std::max<int64_t>(1, (cols * per * K * 4 + share - 1) / share);
   tiles = (tiles + nt - 1) / nt * nt;
   const int64_t T = ((cols + tiles - 1) / tiles + 15) / 16 * 16;
   tiles = (cols + T - 1) / T;
-  const bool in_place = !bits && !swiglu && wt == mx::float32;
   std::vector<std::unique_ptr<Scratch>> buf(nt), tmp(nt);
   for (int t = 0; t < (in_place ? 0 : std::min<int64_t>(nt, tiles)); ++t) {
     buf[t] = std::make_unique<Scratch>(per * T * K);
     if (swiglu) tmp[t] = std::make_unique<Scratch>(M * 2 * T);
   }
-  BlasOneThread one;
-  p.run_indexed(tiles, [&](int64_t c, int t) {
+  auto tile = [&](int64_t c, int t) {
     const int64_t h0 = c * T, h1 = std::min(cols, h0 + T), n = h1 - h0;
     if (in_place) {  // float32 W: its rows as they are
       blas_sgemm()(kRowMajor, kNoTrans, kTrans, (int)M, (int)n, (int)K, 1.0f, xf, (int)K,
@@ -142,7 +143,13 @@ inline void pooled_tiles(const float* xf, int64_t M, int64_t K, int64_t N, mx::D
     blas_sgemm()(kRowMajor, kNoTrans, kTrans, (int)M, (int)(2 * n), (int)K, 1.0f, xf, (int)K, b, (int)K, 0.0f, g,
                  (int)(2 * n));
     for (int64_t m = 0; m < M; ++m) silu_mul(g + m * 2 * n, g + m * 2 * n + n, op + m * cols + h0, n);
-  }, false);
+  };
+  if (!pooled) {
+    for (int64_t c = 0; c < tiles; ++c) tile(c, 0);
+    return;
+  }
+  BlasOneThread one;
+  p.run_indexed(tiles, tile, false);
 }
 
 inline bool pooled_tiles_apply() {
@@ -193,12 +200,9 @@ class TiledMatmul : public mx::UnaryPrimitive {
       if (M == 0) return;
       // bfloat16 prompt precision (bf16_gemm.h): bfloat16 and 4/8-bit weights only
       const bool round = bf16 && (bits || wt == mx::bfloat16);
-      const int64_t T0 = swiglu ? N / 2 : N;  // output columns
-      const int64_t T = std::max<int64_t>(16, std::min<int64_t>(T0, kTileBytes / (swiglu ? 2 : 1) / (K * 4)) / 16 * 16);
       const float* xf = xp;
-      std::optional<Scratch> xr, buf, a, xs;
+      std::optional<Scratch> xr, a, xs;
       const bool dot = round && use_dot && bf16dot_applies(wt, bits, K);  // false where not built
-      const bool panel = !dot && f32panel_applies(wt);
       if (dot) {
         a.emplace(M * K / 2);  // bfloat16 pairs: 4 bytes, like a float
         if (bits) xs.emplace(M * (K / gs));
@@ -209,51 +213,31 @@ class TiledMatmul : public mx::UnaryPrimitive {
           round_to_bf16(xp, M * K, xr->data());
           xf = xr->data();
         }
-        if (!panel && pooled_tiles_apply()) {
-          pooled_tiles(xf, M, K, N, wt, wp, qa, bits, gs, swiglu, op);
+        if (!f32panel_applies(wt)) {
+          widened_tiles(xf, M, K, N, wt, wp, qa, bits, gs, swiglu, op, pooled_tiles_apply());
           return;
         }
-        if (!bits && !swiglu && wt == mx::float32) {  // float32 W: one sgemm on the BLAS's threads
-          blas_sgemm()(kRowMajor, kNoTrans, kTrans, (int)M, (int)N, (int)K, 1.0f, xf, (int)K,
-                       static_cast<const float*>(wp), (int)K, 0.0f, op, (int)N);
-          return;
-        }
-        if (!panel) buf.emplace((swiglu ? 2 : 1) * T * K);
       }
-      // dst[m, j] (row stride ldc) = x row m times W row n0 + j, j in [0, n1 - n0)
+      // the kernels of bf16_gemm.h (dot) or f32_panel.h: dst[m, j] (row stride ldc) = x row m times W row n0 + j,
+      // j in [0, n1 - n0), one panel of W a chunk on the pool
       auto rows = [&](int64_t n0, int64_t n1, float* dst, int64_t ldc) {
-        if (dot) {
+        if (dot)
           bf16_product(reinterpret_cast<const uint32_t*>(a->data()), bits ? xs->data() : nullptr, M, K, wt, wp, qa,
                        bits, gs, n0, n1, dst, ldc);
-          return;
-        }
-        if (panel) {
+        else
           f32_panel_product(xf, M, K, wt, wp, qa, bits, gs, n0, n1, dst, ldc);
-          return;
-        }
-        widen_rows(wt, wp, qa, bits, gs, K, n0, n1, buf->data());
-        blas_sgemm()(kRowMajor, kNoTrans, kTrans, (int)M, (int)(n1 - n0), (int)K, 1.0f, xf, (int)K, buf->data(),
-                     (int)K, 0.0f, dst, (int)ldc);
       };
       if (!swiglu) {
-        if (dot || panel) rows(0, N, op, N);
-        else
-          for (int64_t n0 = 0; n0 < N; n0 += T) rows(n0, std::min(N, n0 + T), op + n0, N);
+        rows(0, N, op, N);
         return;
       }
-      const int64_t H = N / 2;
+      const int64_t H = N / 2;  // a tile of T hidden units at a time (gate and up products side by side in tmp)
+      const int64_t T = std::max<int64_t>(16, std::min<int64_t>(H, kTileBytes / 2 / (K * 4)) / 16 * 16);
       Scratch tmp(M * 2 * T);
       for (int64_t h0 = 0; h0 < H; h0 += T) {
         const int64_t h1 = std::min(H, h0 + T), t = h1 - h0;
-        if (dot || panel) {
-          rows(h0, h1, tmp.data(), 2 * t);
-          rows(H + h0, H + h1, tmp.data() + t, 2 * t);
-        } else {  // gate and up rows widened side by side: one sgemm (each call packs x again)
-          widen_rows(wt, wp, qa, bits, gs, K, h0, h1, buf->data());
-          widen_rows(wt, wp, qa, bits, gs, K, H + h0, H + h1, buf->data() + t * K);
-          blas_sgemm()(kRowMajor, kNoTrans, kTrans, (int)M, (int)(2 * t), (int)K, 1.0f, xf, (int)K, buf->data(),
-                       (int)K, 0.0f, tmp.data(), (int)(2 * t));
-        }
+        rows(h0, h1, tmp.data(), 2 * t);
+        rows(H + h0, H + h1, tmp.data() + t, 2 * t);
         for (int64_t m = 0; m < M; ++m) silu_mul(tmp.data() + m * 2 * t, tmp.data() + m * 2 * t + t, op + m * H + h0, t);
       }
     });
